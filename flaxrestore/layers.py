@@ -175,3 +175,68 @@ def l2_normalize(x: jax.Array, axis: int, eps: float = 1e-12) -> jax.Array:
     """F.normalize: x / max(||x||_2, eps) (eps clamps the norm, it is not added)."""
     norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
     return x / jnp.maximum(norm, eps)
+
+
+def _bilinear_taps(n_in: int, n_out: int, scale_factor: float | None, align_corners: bool):
+    """Source indices and weights of torch's 1-D bilinear (linear) interpolation, antialias off."""
+    import numpy as np
+
+    f32 = np.float32  # torch computes the source coordinates in float32 for float32 images
+    dst = np.arange(n_out, dtype=f32)
+    if align_corners:
+        scale = f32(n_in - 1) / f32(n_out - 1) if n_out > 1 else f32(0.0)
+        src = scale * dst
+    else:
+        # torch uses 1/scale_factor when the caller gave one, else in/out; negatives clamp to 0
+        scale = f32(1.0 / scale_factor) if scale_factor is not None else f32(n_in) / f32(n_out)
+        # torch's kernel fuses this multiply-add (one rounding): emulate it in float64
+        src = (np.float64(scale) * np.float64(dst + f32(0.5)) - 0.5).astype(f32)
+        src = np.maximum(src, f32(0.0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = np.clip(src - i0.astype(f32), f32(0.0), f32(1.0)).astype(f32)
+    return i0, i1, f32(1.0) - w1, w1
+
+
+def resize_bilinear(x: jax.Array, size: Sequence[int] | int | None = None,
+                    scale_factor: Sequence[float] | float | None = None,
+                    align_corners: bool = False) -> jax.Array:
+    """F.interpolate(mode='bilinear') on NHWC: no antialiasing, torch's source-index rule.
+
+    Give ``size`` (H, W) or ``scale_factor`` as torch does; with a scale factor the output is
+    floor(in * s) and the source coordinates use 1/s (torch's default recompute_scale_factor).
+    jax.image.resize antialiases when shrinking and does not match torch there.
+    """
+    h, w = x.shape[1], x.shape[2]
+    if (size is None) == (scale_factor is None):
+        raise ValueError("resize_bilinear: give exactly one of size and scale_factor")
+    if size is not None:
+        oh, ow = _pair(size)
+        sh = sw = None
+    else:
+        sh, sw = (scale_factor, scale_factor) if not isinstance(scale_factor, (tuple, list)) \
+            else scale_factor
+        oh, ow = int(math.floor(h * sh)), int(math.floor(w * sw))
+    for axis, n_in, n_out, s in ((1, h, oh, sh), (2, w, ow, sw)):
+        i0, i1, w0, w1 = _bilinear_taps(n_in, n_out, s, align_corners)
+        shape = [1, 1, 1, 1]
+        shape[axis] = n_out
+        a = jnp.take(x, i0, axis=axis)
+        b = jnp.take(x, i1, axis=axis)
+        x = a * w0.reshape(shape).astype(x.dtype) + b * w1.reshape(shape).astype(x.dtype)
+    return x
+
+
+class PReLU(nnx.Module):
+    """torch.nn.PReLU over the channel (last) axis; ``weight`` has torch's shape (num_parameters,).
+
+    One instance may be shared by many modules (MPRNet): the converter then sees its ``weight``
+    under every alias, as torch's state_dict does.
+    """
+
+    def __init__(self, num_parameters: int = 1, init: float = 0.25):
+        self.weight = nnx.Param(jnp.full((num_parameters,), init, jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        a = self.weight[...].astype(x.dtype)
+        return jnp.where(x >= 0, x, a * x)
