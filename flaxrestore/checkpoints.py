@@ -75,3 +75,54 @@ def load_model(directory: str | os.PathLike, name: str | None = None) -> nnx.Mod
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(module, state)
     return module
+
+
+def _flat_weights(module: nnx.Module) -> dict[str, np.ndarray]:
+    flat = nnx.to_flat_state(weights_state(module))
+    return {".".join(map(str, path)): np.asarray(v.get_value()) for path, v in flat}
+
+
+def save_safetensors(path: str | os.PathLike, name: str, module: nnx.Module,
+                     overrides: dict[str, Any] | None = None) -> str:
+    """Writes the Flax weights (NNX paths joined by '.', Flax layouts) to a safetensors file."""
+    from safetensors.numpy import save_file
+
+    path = os.fspath(path)
+    save_file({k: np.ascontiguousarray(v) for k, v in _flat_weights(module).items()}, path,
+              metadata={"flaxrestore_model": name, "format": str(FORMAT),
+                        "flaxrestore_overrides": json.dumps(overrides or {})})
+    return path
+
+
+def load_safetensors(path: str | os.PathLike, name: str | None = None, **overrides) -> nnx.Module:
+    """Reads a file written by :func:`save_safetensors`; strict on keys, shapes and dtypes."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file
+
+    path = os.fspath(path)
+    with safe_open(path, framework="numpy") as f:
+        meta = f.metadata() or {}
+    stored = meta.get("flaxrestore_model")
+    if name is None:
+        if stored is None:
+            raise ValueError(f"{path} does not say which model it holds; pass the model name")
+        name = stored
+    elif stored is not None and stored != name:
+        raise ValueError(f"{path} holds {stored!r}, not {name!r}")
+    if not overrides and stored == name:
+        overrides = {k: tuple(v) if isinstance(v, list) else v
+                     for k, v in json.loads(meta.get("flaxrestore_overrides", "{}")).items()}
+    arrays = load_file(path)
+    module = models.create_abstract(name, **overrides)
+    flat = nnx.to_flat_state(weights_state(module))
+    keys = {".".join(map(str, p)) for p, _ in flat}
+    missing, unexpected = sorted(keys - set(arrays)), sorted(set(arrays) - keys)
+    bad = [f"{k}: {arrays[k].shape} vs {tuple(v.shape)}" for p, v in flat
+           if (k := ".".join(map(str, p))) in arrays and arrays[k].shape != tuple(v.shape)]
+    if missing or unexpected or bad:
+        raise ValueError(f"{path} does not match {name!r}: missing {missing[:20]}, "
+                         f"unexpected {unexpected[:20]}, shape mismatches {bad[:20]}")
+    for p, v in flat:
+        v.set_value(jax.numpy.asarray(arrays[".".join(map(str, p))]))
+    nnx.update(module, nnx.from_flat_state(flat))
+    return module
