@@ -240,3 +240,281 @@ class PReLU(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         a = self.weight[...].astype(x.dtype)
         return jnp.where(x >= 0, x, a * x)
+
+
+# --------------------------------------------------------------------------------------------
+# Transposed conv, modulated deformable conv (DCNv2) and network deconvolution (FastDeconv).
+# First used by AECR-Net; written to be usable by any model.
+
+
+class ConvTranspose2d(nnx.Module):
+    """torch.nn.ConvTranspose2d on NHWC input (groups=1).
+
+    ``kernel`` is the HWIO kernel of the equivalent stride-1 conv over the stride-dilated input:
+    torch's weight (in, out, kh, kw) flipped in both spatial axes and laid out (kh, kw, in, out)
+    (the converter's rule does the flip + swap). torch's ``padding`` p becomes
+    dilation*(k-1)-p zeros on each side of the dilated input, plus ``output_padding`` at the end.
+    Initialised like torch (its fan_in is taken from weight dim 1: out_channels*kh*kw).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 output_padding=0, groups: int = 1, bias: bool = True, dilation=1, *,
+                 rngs: nnx.Rngs):
+        if groups != 1:
+            raise NotImplementedError("ConvTranspose2d: only groups=1 is implemented")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.output_padding = _pair(output_padding)
+        self.dilation = _pair(dilation)
+        for op, s, d in zip(self.output_padding, self.stride, self.dilation):
+            if not (op < s or op < d):  # the same check torch makes
+                raise ValueError(f"output_padding {self.output_padding} must be smaller than "
+                                 f"stride {self.stride} or dilation {self.dilation}")
+        kh, kw = self.kernel_size
+        init = torch_uniform(out_channels * kh * kw)
+        self.kernel = nnx.Param(init(rngs.params(), (kh, kw, in_channels, out_channels)))
+        self.bias = nnx.Param(init(rngs.params(), (out_channels,))) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        pads = tuple((d * (k - 1) - p, d * (k - 1) - p + op) for k, p, op, d in
+                     zip(self.kernel_size, self.padding, self.output_padding, self.dilation))
+        y = jax.lax.conv_general_dilated(
+            x, self.kernel[...].astype(x.dtype), window_strides=(1, 1), padding=pads,
+            lhs_dilation=self.stride, rhs_dilation=self.dilation,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+def _bilinear_gather_zero(x: jax.Array, py: jax.Array, px: jax.Array) -> jax.Array:
+    """Bilinear samples of x (N, H, W, C) at (py, px) (N, *S), zero outside: (N, *S, C).
+
+    DCNv2's rule: a point is zero when py <= -1, px <= -1, py >= H or px >= W; otherwise each of
+    its four neighbours that falls outside the image contributes zero (not clamped).
+    """
+    n, h, w, c = x.shape
+    flat = x.reshape(n, h * w, c)
+    inside = (py > -1) & (px > -1) & (py < h) & (px < w)
+    y0 = jnp.floor(py)
+    x0 = jnp.floor(px)
+    ly, lx = py - y0, px - x0
+    y0 = y0.astype(jnp.int32)
+    x0 = x0.astype(jnp.int32)
+    out = 0.0
+    for dy, wy in ((0, 1.0 - ly), (1, ly)):
+        for dx, wx in ((0, 1.0 - lx), (1, lx)):
+            yy, xx = y0 + dy, x0 + dx
+            ok = inside & (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+            idx = jnp.clip(yy, 0, h - 1) * w + jnp.clip(xx, 0, w - 1)
+            vals = jax.vmap(lambda a, i: a[i])(flat, idx.reshape(n, -1)).reshape(*idx.shape, c)
+            out = out + vals * jnp.where(ok, wy * wx, 0.0).astype(x.dtype)[..., None]
+    return out
+
+
+def deform_conv2d(x: jax.Array, offset: jax.Array, mask: jax.Array | None, kernel: jax.Array,
+                  bias: jax.Array | None = None, stride=1, padding=0, dilation=1) -> jax.Array:
+    """Modulated deformable conv (DCNv2; ``torchvision.ops.deform_conv2d`` semantics) on NHWC.
+
+    x: (N, H, W, C). kernel: HWIO (kh, kw, C, O). With K = kh*kw taps, tap k = i*kw + j, and G
+    deformable groups (channel blocks of C/G): offset (N, Ho, Wo, 2*G*K) holds *interleaved*
+    pairs, channel g*2K + 2k = dy and g*2K + 2k + 1 = dx; mask (N, Ho, Wo, G*K), channel g*K + k,
+    already activated (DCNv2's DCN applies the sigmoid before calling this), or None for 1.
+    Tap k of output (y, x) reads the input at (y*sh - ph + i*dh + dy, x*sw - pw + j*dw + dx),
+    bilinearly, zero outside the image.
+    """
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    dh, dw = _pair(dilation)
+    n, h, w, c = x.shape
+    kh, kw, cin, cout = kernel.shape
+    k = kh * kw
+    if cin != c:
+        raise ValueError(f"deform_conv2d: kernel expects {cin} input channels, got {c}")
+    if offset.shape[-1] % (2 * k):
+        raise ValueError(f"deform_conv2d: offset has {offset.shape[-1]} channels, not a "
+                         f"multiple of 2*{k}")
+    groups = offset.shape[-1] // (2 * k)
+    if c % groups:
+        raise ValueError(f"deform_conv2d: {c} channels not divisible by {groups} offset groups")
+    ho, wo = offset.shape[1:3]
+    off = offset.reshape(n, ho, wo, groups, k, 2)
+    tap_i = jnp.repeat(jnp.arange(kh), kw) * dh  # (K,) row of tap k
+    tap_j = jnp.tile(jnp.arange(kw), kh) * dw
+    base_y = (jnp.arange(ho) * sh - ph)[:, None] + tap_i[None, :]  # (Ho, K)
+    base_x = (jnp.arange(wo) * sw - pw)[:, None] + tap_j[None, :]  # (Wo, K)
+    py = base_y[None, :, None, None, :].astype(x.dtype) + off[..., 0]  # (N, Ho, Wo, G, K)
+    px = base_x[None, None, :, None, :].astype(x.dtype) + off[..., 1]
+    if mask is not None:
+        mask = mask.reshape(n, ho, wo, groups, k)
+    cg = c // groups
+    cols = []
+    for g in range(groups):
+        s = _bilinear_gather_zero(x[..., g * cg:(g + 1) * cg], py[:, :, :, g], px[:, :, :, g])
+        if mask is not None:
+            s = s * mask[:, :, :, g, :, None].astype(x.dtype)
+        cols.append(s)  # (N, Ho, Wo, K, C/G)
+    cols = cols[0] if groups == 1 else jnp.concatenate(cols, axis=-1)
+    y = jnp.einsum("nyxkc,kco->nyxo", cols, kernel.reshape(k, c, cout).astype(x.dtype))
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y
+
+
+class ModulatedDeformConv2d(nnx.Module):
+    """DCNv2's ``DCN`` module: offsets and mask from an internal conv, then a deformable conv.
+
+    ``conv_offset_mask`` (a zero-initialised Conv2d with the same kernel/stride/padding, no
+    dilation, as DCNv2 builds it) gives 3*G*K channels: the first 2*G*K are the interleaved
+    (dy, dx) offsets, the last G*K pass through a sigmoid to become the mask. ``kernel`` (HWIO)
+    is initialised U(+-1/sqrt(in*kh*kw)) and ``bias`` to zero, as DCNv2 does.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, deformable_groups: int = 1, *, rngs: nnx.Rngs):
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.deformable_groups = deformable_groups
+        kh, kw = self.kernel_size
+        self.kernel = nnx.Param(torch_uniform(in_channels * kh * kw)(
+            rngs.params(), (kh, kw, in_channels, out_channels)))
+        self.bias = nnx.Param(jnp.zeros((out_channels,), jnp.float32))
+        n_om = deformable_groups * 3 * kh * kw
+        self.conv_offset_mask = Conv2d(in_channels, n_om, self.kernel_size, self.stride,
+                                       self.padding, bias=True, rngs=rngs)
+        self.conv_offset_mask.kernel.set_value(jnp.zeros((kh, kw, in_channels, n_om), jnp.float32))
+        self.conv_offset_mask.bias.set_value(jnp.zeros((n_om,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        om = self.conv_offset_mask(x)
+        n_off = 2 * self.deformable_groups * self.kernel_size[0] * self.kernel_size[1]
+        offset, mask = om[..., :n_off], jax.nn.sigmoid(om[..., n_off:])
+        return deform_conv2d(x, offset, mask, self.kernel[...], self.bias[...], self.stride,
+                             self.padding, self.dilation)
+
+
+def isqrt_newton_schulz(a: jax.Array, num_iters: int) -> jax.Array:
+    """A^(-1/2) by a fixed number of coupled Newton-Schulz iterations (Frobenius prescaling).
+
+    Not converged for ill-conditioned A after few iterations; FastDeconv relies on exactly this
+    truncated value, so do not replace it by an eigendecomposition.
+    """
+    dim = a.shape[-1]
+    norm = jnp.sqrt(jnp.sum(jnp.square(a)))
+    y = a / norm
+    eye = jnp.eye(dim, dtype=a.dtype)
+    z = eye
+    for _ in range(num_iters):
+        t = 0.5 * (3.0 * eye - z @ y)
+        y = y @ t
+        z = t @ z
+    return z / jnp.sqrt(norm)
+
+
+class FastDeconv(nnx.Module):
+    """Network deconvolution (Ye et al., ICLR 2020; upstream ``FastDeconv``), groups=1, on NHWC.
+
+    A conv whose input patches are whitened: in train mode (``use_running_average=False``, the
+    default, as a fresh torch module) the patch mean mu and D = Cov^(-1/2) (``n_iter``
+    Newton-Schulz steps) come from im2col patches sampled with stride ``sampling_stride*stride``
+    and zero padding, pooled over the batch, and the running statistics (``nnx.BatchStat``
+    ``running_mean`` (F,), ``running_deconv`` (F, F), F = k*k*block) move by ``momentum``; in
+    eval mode (``module.eval()``) the running ones are used. Either way the whitening is folded
+    into the kernel: W' = W D, b' = b - W' mu, then a plain conv.
+
+    Patch columns are ordered (c, i, j), then regrouped into C/block blocks of F columns each
+    (column f*(C/block) + g goes to block g), exactly as upstream. ``bias=False`` is taken as a
+    zero bias (upstream would fail); ``freeze`` is not implemented.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=1,
+                 dilation=1, groups: int = 1, bias: bool = True, eps: float = 1e-5,
+                 n_iter: int = 5, momentum: float = 0.1, block: int = 64,
+                 sampling_stride: int = 3, freeze: bool = False, freeze_iter: int = 100, *,
+                 use_running_average: bool = False, rngs: nnx.Rngs):
+        if groups != 1:
+            raise NotImplementedError("FastDeconv: only groups=1 is implemented")
+        if freeze:
+            raise NotImplementedError("FastDeconv: freeze=True is not implemented")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.eps, self.n_iter, self.momentum = eps, n_iter, momentum
+        if block > in_channels:
+            block = in_channels
+        elif in_channels % block:
+            block = math.gcd(block, in_channels)
+        self.block = block
+        kh, kw = self.kernel_size
+        self.num_features = kh * kw * block
+        self.sampling_stride = sampling_stride * self.stride[0]
+        self.use_running_average = use_running_average
+        init = torch_uniform(in_channels * kh * kw)
+        self.kernel = nnx.Param(init(rngs.params(), (kh, kw, in_channels, out_channels)))
+        self.bias = nnx.Param(init(rngs.params(), (out_channels,))) if bias else None
+        nf = self.num_features
+        self.running_mean = nnx.BatchStat(jnp.zeros((nf,), jnp.float32))
+        self.running_deconv = nnx.BatchStat(jnp.eye(nf, dtype=jnp.float32))
+
+    def _patches(self, x: jax.Array) -> jax.Array:
+        """Sampled patch matrix (M, F), rows = patches of all images, columns regrouped."""
+        n, h, w, c = x.shape
+        kh, kw = self.kernel_size
+        s = self.sampling_stride
+        if (kh, kw) == (1, 1):
+            cols = x.reshape(-1, c)[::s * s]  # every s^2-th pixel of the flattened batch
+        else:
+            ph, pw = self.padding
+            dh, dw = self.dilation
+            xp = pad2d(x, (ph, ph, pw, pw))
+            ho = (h + 2 * ph - dh * (kh - 1) - 1) // s + 1
+            wo = (w + 2 * pw - dw * (kw - 1) - 1) // s + 1
+            taps = [xp[:, i * dh:i * dh + (ho - 1) * s + 1:s, j * dw:j * dw + (wo - 1) * s + 1:s, :]
+                    for i in range(kh) for j in range(kw)]
+            cols = jnp.stack(taps, axis=-1).reshape(n * ho * wo, c * kh * kw)  # column c*K + t
+        nb = c // self.block
+        return cols.reshape(-1, self.num_features, nb).transpose(0, 2, 1).reshape(
+            -1, self.num_features)
+
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+        if use_running_average is None:
+            use_running_average = self.use_running_average
+        c = x.shape[-1]
+        if c != self.in_channels:
+            raise ValueError(f"FastDeconv expects {self.in_channels} channels, got {c}")
+        nf, nb = self.num_features, c // self.block
+        if use_running_average:
+            mean = self.running_mean[...].astype(x.dtype)
+            deconv = self.running_deconv[...].astype(x.dtype)
+        else:
+            cols = self._patches(x)
+            mean = jnp.mean(cols, axis=0)
+            xc = cols - mean
+            cov = (xc.T @ xc) / xc.shape[0] + self.eps * jnp.eye(nf, dtype=x.dtype)
+            deconv = isqrt_newton_schulz(cov, self.n_iter)
+            m = self.momentum
+            self.running_mean[...] = jax.lax.stop_gradient(
+                (1 - m) * self.running_mean[...] + m * mean)
+            self.running_deconv[...] = jax.lax.stop_gradient(
+                (1 - m) * self.running_deconv[...] + m * deconv)
+        kh, kw = self.kernel_size
+        o = self.out_channels
+        kernel = self.kernel[...].astype(x.dtype)
+        w = kernel.transpose(3, 2, 0, 1).reshape(o, nf, nb).transpose(0, 2, 1).reshape(-1, nf)
+        w = w @ deconv  # (O * C/block, F)
+        b = -(w @ mean).reshape(o, nb).sum(axis=1)
+        if self.bias is not None:
+            b = b + self.bias[...].astype(x.dtype)
+        w = w.reshape(o, nb, nf).transpose(0, 2, 1).reshape(o, c, kh, kw).transpose(2, 3, 1, 0)
+        ph, pw = self.padding
+        y = jax.lax.conv_general_dilated(
+            x, w, window_strides=self.stride, padding=((ph, ph), (pw, pw)),
+            rhs_dilation=self.dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + b

@@ -222,7 +222,9 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, Any], *, strict
             continue
         value = slot.rule.to_flax(arrays[k])
         dtype = slot.variable.get_value().dtype
-        slot.variable.set_value(jnp.asarray(np.ascontiguousarray(value), dtype=dtype))
+        # a copy: jnp.asarray may alias a contiguous numpy/torch buffer that torch later
+        # updates in place (optimizer steps, running statistics)
+        slot.variable.set_value(jnp.array(np.ascontiguousarray(value), dtype=dtype, copy=True))
         done.add(id(slot.variable))
     return {"missing": missing, "unexpected": unexpected, "mismatched": [k for k, _, _ in mismatched]}
 
@@ -268,3 +270,12 @@ def state_to_torch_layout(module: nnx.Module, state: nnx.State) -> dict[str, np.
     clone = nnx.clone(module)
     nnx.update(clone, state)
     return flax_to_numpy(clone)
+
+
+# Layer types added with AECR-Net. ConvTranspose2d: torch weight (in, out, kh, kw) <-> the
+# spatially flipped HWIO kernel of the equivalent conv over the stride-dilated input.
+CONV_TRANSPOSE_FLIP = Rule("weight", lambda a: np.transpose(a[:, :, ::-1, ::-1], (2, 3, 0, 1)),
+                           lambda a: np.transpose(a[::-1, ::-1], (2, 3, 0, 1)))
+RULES[layers.ConvTranspose2d] = {"kernel": CONV_TRANSPOSE_FLIP}
+RULES[layers.ModulatedDeformConv2d] = {"kernel": OIHW_TO_HWIO}
+RULES[layers.FastDeconv] = {"kernel": OIHW_TO_HWIO}
