@@ -242,6 +242,12 @@ class PReLU(nnx.Module):
         return jnp.where(x >= 0, x, a * x)
 
 
+def simple_gate(x: jax.Array) -> jax.Array:
+    """NAFNet/DarkIR SimpleGate: split the channel (last) axis into halves, first * second."""
+    a, b = jnp.split(x, 2, axis=-1)
+    return a * b
+
+
 # --------------------------------------------------------------------------------------------
 # Transposed conv, modulated deformable conv (DCNv2) and network deconvolution (FastDeconv).
 # First used by AECR-Net; written to be usable by any model.
