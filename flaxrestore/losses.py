@@ -64,3 +64,72 @@ def contrastive_regularization(pred: jax.Array, target: jax.Array, negative: jax
         else:
             loss = loss + w * d_ap / (jnp.mean(jnp.abs(fa[i] - fn[i])) + eps)
     return loss
+
+
+from flaxrestore import layers as _layers  # noqa: E402  (MPRNet's edge loss below)
+
+
+def charbonnier(pred: jax.Array, target: jax.Array, eps: float = 1e-3) -> jax.Array:
+    """Charbonnier loss, MPRNet's form: mean over every element of sqrt(d^2 + eps^2).
+
+    eps is squared inside the root (1e-3 -> 1e-6). MPRNet (all three tasks): summed over the
+    three stage outputs with weight 1 each; see :func:`mprnet_loss`. (SNR-Aware's "cb" loss is
+    a different form: a *sum* of sqrt(d^2 + 1e-6).)
+    """
+    d = pred - target
+    return jnp.mean(jnp.sqrt(d * d + eps * eps))
+
+
+# MPRNet's 5x5 Gaussian: the outer product of this 1-D kernel (which sums to 1).
+_EDGE_KERNEL_1D = (0.05, 0.25, 0.4, 0.25, 0.05)
+
+
+def _conv_gauss(x: jax.Array) -> jax.Array:
+    """Depthwise 5x5 Gaussian with replicate padding of 2 on each side (NHWC)."""
+    k1 = jnp.asarray(_EDGE_KERNEL_1D, jnp.float32)
+    k2 = jnp.outer(k1, k1).astype(x.dtype)
+    kernel = jnp.broadcast_to(k2[:, :, None, None], (5, 5, 1, x.shape[-1]))
+    return _layers.depthwise_conv_shifted(_layers.pad2d(x, 2, "replicate"), kernel)
+
+
+def laplacian(x: jax.Array) -> jax.Array:
+    """One level of MPRNet's Laplacian pyramid: x - G(U(D(G(x)))).
+
+    G is the 5x5 Gaussian above, D keeps every second pixel from (0, 0), U puts those values
+    times 4 back on the even positions of a zero image of the original size.
+    """
+    filtered = _conv_gauss(x)
+    up = jnp.zeros_like(filtered).at[:, ::2, ::2, :].set(filtered[:, ::2, ::2, :] * 4)
+    return x - _conv_gauss(up)
+
+
+def edge_loss(pred: jax.Array, target: jax.Array, eps: float = 1e-3) -> jax.Array:
+    """MPRNet's EdgeLoss: Charbonnier (eps 1e-3) between the Laplacians of pred and target.
+
+    The original hard-codes 3 channels; here the Gaussian is applied to each channel, whatever
+    their number. MPRNet deblurring and deraining: weight 0.05, summed over the three stage
+    outputs (:func:`mprnet_loss`); denoising does not use it.
+    """
+    return charbonnier(laplacian(pred), laplacian(target), eps)
+
+
+def mprnet_loss(outputs: Sequence[jax.Array], target: jax.Array, *, edge_weight: float = 0.05,
+                clamp: bool = False, eps: float = 1e-3) -> jax.Array:
+    """MPRNet's training loss over the list of stage outputs ``[stage3, stage2, stage1]``.
+
+    sum_i charbonnier(o_i, gt) + edge_weight * sum_i edge_loss(o_i, gt), eps 1e-3.
+    Recipes: deblurring and deraining use edge_weight=0.05, clamp=False; denoising uses
+    edge_weight=0 and clamp=True (each output clamped to [0, 1] before the Charbonnier).
+    (The released train.py files call torch.sum on a list and crash; this is the intended sum.)
+    """
+    if clamp:
+        outputs = [jnp.clip(o, 0.0, 1.0) for o in outputs]
+    loss_char = 0.0
+    for o in outputs:
+        loss_char = loss_char + charbonnier(o, target, eps)
+    if not edge_weight:
+        return loss_char
+    loss_edge = 0.0
+    for o in outputs:
+        loss_edge = loss_edge + edge_loss(o, target, eps)
+    return loss_char + edge_weight * loss_edge

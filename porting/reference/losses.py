@@ -40,3 +40,52 @@ class ContrastLoss(nn.Module):
             else:
                 loss = loss + w * d_ap / (self.l1(a_vgg[i], n_vgg[i]) + 1e-7)
         return loss
+
+
+class CharbonnierLoss(nn.Module):
+    """MPRNet's Charbonnier: mean of sqrt(d^2 + eps^2), eps = 1e-3."""
+
+    def __init__(self, eps=1e-3):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x, y):
+        diff = x - y
+        return torch.mean(torch.sqrt(diff * diff + self.eps * self.eps))
+
+
+class EdgeLoss(nn.Module):
+    """MPRNet's edge loss: Charbonnier between one-level Laplacian pyramids, Gaussian 5x5
+    (outer product of [.05, .25, .4, .25, .05]) on 3 channels with replicate padding."""
+
+    def __init__(self, channels=3, eps=1e-3):
+        super().__init__()
+        k = torch.tensor([[0.05, 0.25, 0.4, 0.25, 0.05]])
+        self.register_buffer("kernel", (k.t() @ k).unsqueeze(0).repeat(channels, 1, 1, 1),
+                             persistent=False)
+        self.loss = CharbonnierLoss(eps)
+
+    def conv_gauss(self, img):
+        img = nn.functional.pad(img, (2, 2, 2, 2), mode="replicate")
+        return nn.functional.conv2d(img, self.kernel, groups=self.kernel.shape[0])
+
+    def laplacian_kernel(self, current):
+        filtered = self.conv_gauss(current)
+        up = torch.zeros_like(filtered)
+        up[:, :, ::2, ::2] = filtered[:, :, ::2, ::2] * 4
+        return current - self.conv_gauss(up)
+
+    def forward(self, x, y):
+        return self.loss(self.laplacian_kernel(x), self.laplacian_kernel(y))
+
+
+def mprnet_loss(outputs, target, edge_weight=0.05, clamp=False):
+    """Deblurring/deraining: sum of Charbonnier + 0.05 * sum of edge losses over the stage
+    outputs. Denoising: edge_weight=0 and clamp=True."""
+    char, edge = CharbonnierLoss(), EdgeLoss(target.shape[1])
+    if clamp:
+        outputs = [torch.clamp(o, 0, 1) for o in outputs]
+    loss = sum(char(o, target) for o in outputs)
+    if edge_weight:
+        loss = loss + edge_weight * sum(edge(o, target) for o in outputs)
+    return loss
