@@ -28,8 +28,28 @@ class CliError(Exception):
 # ------------------------------------------------------------------------------------ weights
 
 
-def load_weights(name: str, path: str, key: str | None = None):
-    """The NNX module of ``name`` with the weights at ``path`` (PyTorch file or Flax directory)."""
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["dim=16", "num_blocks=(1,1,1,1)"]`` -> config overrides (Python literals, else strings)."""
+    import ast
+
+    out = {}
+    for item in items or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip():
+            raise CliError(f"--config expects KEY=VALUE, got {item!r}")
+        try:
+            out[k.strip()] = ast.literal_eval(v.strip())
+        except (ValueError, SyntaxError):
+            out[k.strip()] = v.strip()
+    return out
+
+
+def load_weights(name: str, path: str, key: str | None = None, overrides: dict | None = None):
+    """The NNX module of ``name`` with the weights at ``path`` (PyTorch file or Flax directory).
+
+    ``overrides`` change fields of the variant's config for a PyTorch checkpoint of a non-released
+    width; a Flax directory records its own and ignores them.
+    """
     from flaxrestore import checkpoints, models
 
     try:
@@ -62,9 +82,11 @@ def load_weights(name: str, path: str, key: str | None = None):
     import porting  # lazily: the only part of the project that may use torch
 
     try:
-        return porting.load_torch_checkpoint(name, path, key=key)
+        return porting.load_torch_checkpoint(name, path, key=key, **(overrides or {}))
     except (porting.CheckpointError, porting.ConversionError) as e:
         raise CliError(str(e)) from None
+    except TypeError as e:  # an override that is not a field of the config
+        raise CliError(f"bad --config for {name}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -139,7 +161,8 @@ def run_restore(args) -> int:
     rights = expand_inputs(args.right) if args.right else None
     if rights is not None and len(rights) != len(inputs):
         raise CliError(f"--input gives {len(inputs)} files but --right gives {len(rights)}")
-    module = load_weights(args.name, args.weights, key=args.key)
+    module = load_weights(args.name, args.weights, key=args.key,
+                          overrides=parse_overrides(args.config))
     dtype = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
     progress = Progress(len(inputs))
     try:
@@ -233,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     r.add_argument("--batch", type=int, default=1,
                    help="equal-size images (or tiles) per network call (1)")
+    r.add_argument("--config", action="append", metavar="KEY=VALUE",
+                   help="override a config field of NAME for a PyTorch checkpoint of another "
+                        "width, e.g. --config dim=16 (repeatable; Python literals)")
     r.add_argument("--key", help="entry of the checkpoint that holds the state dict "
                                  "(default: found automatically)")
     return parser

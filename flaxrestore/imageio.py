@@ -128,9 +128,9 @@ def read_image(path: str | os.PathLike) -> Picture:
         raise FileNotFoundError(f"no such image file: {path}")
     try:
         with Image.open(path) as img:
-            orientation = _orientation(img)
+            sixteen_colour = _sixteen_bit_colour(img)  # before anything loads (and drops .tile)
             mode = img.mode
-            if _sixteen_bit_colour(img):
+            if sixteen_colour:
                 arr, depth = _read_16bit_colour(path, img), 16
                 mode = {2: "LA", 3: "RGB", 4: "RGBA"}[arr.shape[-1]]
             elif mode in ("I;16", "I;16L", "I;16B", "I;16N"):
@@ -153,6 +153,7 @@ def read_image(path: str | os.PathLike) -> Picture:
             else:
                 raise ImageReadError(f"{path}: unsupported pixel mode {img.mode!r} "
                                      "(expected 8/16-bit grey, RGB or RGBA)")
+            orientation = _orientation(img)
     except (UnidentifiedImageError, OSError, SyntaxError, struct.error, zlib.error, EOFError) as e:
         raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     if arr.ndim == 2:
@@ -236,6 +237,7 @@ def write_image(path: str | os.PathLike, pixels: np.ndarray, alpha: np.ndarray |
     """Writes float [0, 1] pixels (H, W, 1|3), with an optional alpha, as PNG/JPEG/TIFF by extension.
 
     JPEG is 8 bit only and has no alpha (both are dropped with no error: that is the format).
+    16-bit grey with alpha as TIFF is stored as RGBA (grey replicated), which readers understand.
     """
     from PIL import Image
 
@@ -255,6 +257,8 @@ def write_image(path: str | os.PathLike, pixels: np.ndarray, alpha: np.ndarray |
     q = quantize(planes, bit_depth)
     c = q.shape[-1]
     if bit_depth == 16 and c > 1:
+        if ext != ".png" and c == 2:  # Pillow cannot read 16-bit grey+alpha TIFF: store as RGBA
+            q = q[..., [0, 0, 0, 1]]
         (write_png16 if ext == ".png" else write_tiff16)(path, q)
         return path
     if bit_depth == 16:  # grey: Pillow handles I;16 for PNG and TIFF
