@@ -1,0 +1,1 @@
+"""The trainer: recipes, data, jitted data-parallel steps and the training loop."""
