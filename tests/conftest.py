@@ -1,0 +1,5 @@
+import os
+
+# Equivalence checks compare float32 numbers; keep XLA from using reduced-precision matmuls.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
