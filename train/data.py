@@ -10,8 +10,9 @@ API (what the trainer uses)
     A ``grain.DatasetIterator`` yielding ``{"lq": float32 (B, P, P, C), "gt": float32 (B, P, P, C)}``
     in [0, 1] (NHWC; ``lq`` from synthetic Gaussian noise is left unclipped, as Restormer does), with
     ``B = batch_size`` the PER-HOST batch and ``P = cfg.patch_size``. Infinite: epochs repeat, each
-    one reshuffled. Deterministic given ``seed`` (the same batches for any ``num_workers`` > 0 count
-    is NOT promised: ``num_workers`` changes the order; fix it for a run). Host ``process_index``
+    one reshuffled. Deterministic given ``seed``; ``num_workers`` 0 and 1 give the same batches, more
+    workers a different (still deterministic) order, since each worker builds whole batches from its
+    slice of the stream, so keep ``num_workers`` fixed across a run and its resumes. Host ``process_index``
     of ``process_count`` reads only its shard (every ``process_count``-th file pair of the sorted
     list). ``iterator.get_state()`` / ``iterator.set_state(state)`` save and restore the exact
     position (the state is a small JSON-able dict; store it in the checkpoint).
@@ -102,6 +103,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from flaxrestore.imageio import read_image
 from train import degrade as _degrade
 
 __all__ = [
@@ -177,7 +179,15 @@ class DataConfig:
     prefetch: int = 16
 
     def __post_init__(self):
+        for name in ("resize", "noise_sigma_range"):  # lists from command-line overrides
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, tuple):
+                object.__setattr__(self, name, tuple(v))
         problems = []
+        for name in ("resize", "noise_sigma_range"):
+            v = getattr(self, name)
+            if v is not None and len(v) != 2:
+                problems.append(f"{name} must have two values, got {v!r}")
         if self.kind not in KINDS:
             problems.append(f"kind {self.kind!r} is not one of {KINDS}")
         if self.val_kind is not None and self.val_kind not in KINDS:
@@ -194,6 +204,10 @@ class DataConfig:
             problems.append(f"pad_mode {self.pad_mode!r} is not one of {PAD_MODES}")
         if self.patch_size is not None and self.patch_size < 0:
             problems.append(f"patch_size must be positive, got {self.patch_size}")
+        if (self.kind != "demo" and not self.patch_size and self.geometric_augs
+                and self.augment_mode in ("dihedral8", "mprnet9", "hflip_rot4")):
+            problems.append(f"augment_mode {self.augment_mode!r} rotates by 90 degrees, which needs square "
+                            "crops: set patch_size, or use augment_mode 'hvflip' / 'none' for whole images")
         if self.noise_sigma is not None and self.noise_sigma_range is not None:
             problems.append("set noise_sigma or noise_sigma_range, not both")
         noisy = self.noise_sigma is not None or self.noise_sigma_range is not None
@@ -227,31 +241,21 @@ def _header(path: str) -> tuple[tuple[int, int], str]:
 
 
 def load_image(path: str, channels: int = 3) -> np.ndarray:
-    """Decode an image file to float32 (H, W, channels) in [0, 1]; DataError naming the file."""
+    """Decode an image file to float32 (H, W, channels) in [0, 1]; DataError naming the file.
+
+    Decoding is ``flaxrestore.imageio.read_image`` (8- and 16-bit grey/RGB, EXIF orientation; an
+    alpha channel is dropped).
+    """
     try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-                arr = np.asarray(im, dtype=np.float32) / 65535.0
-                gray = True
-            elif mode == "F":
-                arr = np.asarray(im, dtype=np.float32)
-                gray = True
-            elif mode in _GRAY_MODES:
-                arr = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-                gray = True
-            else:
-                arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-                gray = False
-    except DataError:
-        raise
+        arr = read_image(path).pixels
     except FileNotFoundError:
         raise DataError(f"missing image file {path}") from None
-    except Exception as e:
-        raise DataError(f"corrupt image file {path}: {e}") from None
-    if gray:
-        arr = arr[..., None]
+    except Exception as e:  # ImageReadError and anything else the decoder raises
+        msg = str(e)
+        if msg.startswith(f"{path}: "):
+            msg = msg[len(path) + 2:]
+        raise DataError(f"corrupt image file {path}: {msg}") from None
+    if arr.shape[-1] == 1:
         if channels == 3:
             raise DataError(f"grayscale image {path} in an RGB dataset (channels=3); "
                             "set channels=1 for grey data")
@@ -447,10 +451,18 @@ def _check_pair(pair: Pair, kind: str, channels: int) -> str | None:
 
 
 def list_pairs(kind: str, root: str, *, channels: int = 3, skip_bad: bool = False,
-               lq_subdir: str | None = None, gt_subdir: str | None = None, check: bool = True) -> PairList:
-    """Sorted file pairs of a dataset split, with every header checked (see the module docstring)."""
+               lq_subdir: str | None = None, gt_subdir: str | None = None, check: bool = True,
+               shard: tuple[int, int] = (0, 1)) -> PairList:
+    """Sorted file pairs of a dataset split, with every header checked (see the module docstring).
+
+    ``shard=(i, n)`` keeps every n-th pair starting at i of the sorted list *before* the header
+    checks, so a host opens only its own files (and a skipped bad pair never moves pairs between
+    hosts).
+    """
     problems: list[str] = []
     pairs = _raw_pairs(kind, root, lq_subdir, gt_subdir, problems)
+    index, count = shard
+    pairs = pairs[index::count]
     if check and pairs:
         with ThreadPoolExecutor(8) as ex:
             verdicts = list(ex.map(lambda p: _check_pair(p, kind, channels), pairs))
@@ -485,7 +497,7 @@ def _resize(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     h, w = int(hw[0]), int(hw[1])
     if img.shape[:2] == (h, w):
         return img
-    planes = [np.asarray(Image.fromarray(img[..., c], mode="F").resize((w, h), Image.BILINEAR))
+    planes = [np.asarray(Image.fromarray(np.ascontiguousarray(img[..., c], np.float32)).resize((w, h), Image.BILINEAR))
               for c in range(img.shape[-1])]
     return np.stack(planes, -1).astype(np.float32)
 
@@ -610,10 +622,15 @@ def _train_records(cfg: DataConfig, process_index: int, process_count: int) -> l
     else:
         if not cfg.root:
             raise ValueError(f"kind {cfg.kind!r} needs root for training")
-        plist = list_pairs(cfg.kind, cfg.root, channels=cfg.channels, skip_bad=cfg.skip_bad,
-                           lq_subdir=cfg.lq_subdir, gt_subdir=cfg.gt_subdir)
-        records = list(plist.pairs)
-        where = cfg.root
+        try:
+            plist = list_pairs(cfg.kind, cfg.root, channels=cfg.channels, skip_bad=cfg.skip_bad,
+                               lq_subdir=cfg.lq_subdir, gt_subdir=cfg.gt_subdir,
+                               shard=(process_index, process_count))
+        except DataError as e:
+            if "no usable image pairs" in str(e) and process_count > 1:
+                raise DataError(f"host {process_index} of {process_count} gets no data: {e}") from None
+            raise
+        return list(plist.pairs)
     shard = records[process_index::process_count]
     if not shard:
         raise DataError(f"host {process_index} of {process_count} gets no data: only {len(records)} "
