@@ -61,6 +61,9 @@ def modulated_deform_conv2d(x, offset, mask, weight, bias=None, stride=1, paddin
     cout, _, kh, kw = weight.shape
     taps = kh * kw
     ho, wo = offset.shape[2:]
+    if (ho, wo) != ((h + 2 * p[0] - d[0] * (kh - 1) - 1) // s[0] + 1,
+                    (w + 2 * p[1] - d[1] * (kw - 1) - 1) // s[1] + 1):
+        raise ValueError("offset grid does not match the conv output size")
     groups = offset.shape[1] // (2 * taps)
     cg = c // groups
     out_rows = torch.arange(ho, dtype=x.dtype) * s[0] - p[0]
