@@ -346,6 +346,10 @@ def deform_conv2d(x: jax.Array, offset: jax.Array, mask: jax.Array | None, kerne
     if c % groups:
         raise ValueError(f"deform_conv2d: {c} channels not divisible by {groups} offset groups")
     ho, wo = offset.shape[1:3]
+    expect = tuple((size + 2 * p - d * (kk - 1) - 1) // st + 1 for size, p, d, kk, st in
+                   ((h, ph, dh, kh, sh), (w, pw, dw, kw, sw)))
+    if (ho, wo) != expect:
+        raise ValueError(f"deform_conv2d: offset grid {(ho, wo)} != conv output size {expect}")
     off = offset.reshape(n, ho, wo, groups, k, 2)
     tap_i = jnp.repeat(jnp.arange(kh), kw) * dh  # (K,) row of tap k
     tap_j = jnp.tile(jnp.arange(kw), kh) * dw
