@@ -133,3 +133,69 @@ def mprnet_loss(outputs: Sequence[jax.Array], target: jax.Array, *, edge_weight:
     for o in outputs:
         loss_edge = loss_edge + edge_loss(o, target, eps)
     return loss_char + edge_weight * loss_edge
+
+
+# ------------------------------------------------------------------ SNR-Aware (and DarkIR's VGG)
+
+# Per-tap weights of the SNR-Aware / DarkIR VGG losses for relu1_1 .. relu5_1.
+PERCEPTUAL_WEIGHTS = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)
+
+
+def charbonnier_sum(pred: jax.Array, target: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """SNR-Aware's Charbonnier (``pixel_criterion: cb``): the *sum* over every element of
+    sqrt(d^2 + eps), eps = 1e-6 inside the root and not squared (unlike :func:`charbonnier`).
+
+    Recipe: every SNR-Aware release, weight 1 (``pixel_weight`` 1.0); see :func:`snr_loss`.
+    """
+    d = pred - target
+    return jnp.sum(jnp.sqrt(d * d + eps))
+
+
+def perceptual(pred: jax.Array, target: jax.Array, vgg: "_vgg.VGG19", *,
+               layers: Sequence[int | str] = _vgg.RELU_X_1,
+               weights: Sequence[float] = PERCEPTUAL_WEIGHTS, reduction: str = "mean",
+               normalize: bool = False) -> jax.Array:
+    """VGG19 perceptual loss: sum_i w_i * L1(phi_i(pred), phi_i(target)).
+
+    phi_i = VGG19 features after relu1_1, relu2_1, relu3_1, relu4_1, relu5_1 (torchvision's
+    slices [0:2], [2:7], [7:12], [12:21], [21:30]), w = 1/32, 1/16, 1/8, 1/4, 1. Target
+    features are constants (stop_gradient). ``reduction`` of each L1: "mean" or "sum".
+    ``normalize`` applies ImageNet mean/std first; neither SNR-Aware nor DarkIR does.
+
+    Recipes: SNR-Aware uses reduction="sum", weight 0.1 (LOLv2_real, SID) or 0.02
+    (LOLv2_synthetic), none for the other releases (see :func:`snr_loss`). DarkIR uses
+    reduction="mean", weight 0.01 (on the output and on the x8-upsampled side output).
+    """
+    if len(weights) != len(layers):
+        raise ValueError(f"{len(weights)} weights for {len(layers)} VGG layers")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    reduce = jnp.mean if reduction == "mean" else jnp.sum
+    fp = vgg(pred, layers, normalize=normalize)
+    ft = [jax.lax.stop_gradient(f) for f in vgg(target, layers, normalize=normalize)]
+    loss = 0.0
+    for w, a, b in zip(weights, fp, ft):
+        loss = loss + w * reduce(jnp.abs(a - b))
+    return loss
+
+
+# VGG weight of each SNR-Aware release's recipe (0: Charbonnier only).
+SNR_VGG_WEIGHT = {"LOLv1": 0.0, "LOLv2_real": 0.1, "LOLv2_synthetic": 0.02, "SID": 0.1,
+                  "SMID": 0.0, "SDSD_indoor": 0.0, "SDSD_outdoor": 0.0}
+
+
+def snr_loss(pred: jax.Array, target: jax.Array, vgg: "_vgg.VGG19 | None" = None, *,
+             vgg_weight: float = 0.0) -> jax.Array:
+    """SNR-Aware's training loss: charbonnier_sum + vgg_weight * perceptual(reduction="sum").
+
+    vgg_weight per release (``SNR_VGG_WEIGHT``): 0.1 for LOLv2_real and SID (video_base3
+    wrapper), 0.02 for LOLv2_synthetic (video_base4), 0 for LOLv1, SMID, SDSD indoor/outdoor
+    (video_base4_m). The VGG is torchvision's ImageNet VGG19 (``num_layers=30`` is enough), fed
+    the raw [0, 1] RGB output and ground truth, no normalisation.
+    """
+    loss = charbonnier_sum(pred, target)
+    if vgg_weight:
+        if vgg is None:
+            raise ValueError("snr_loss with vgg_weight > 0 needs the VGG19")
+        loss = loss + vgg_weight * perceptual(pred, target, vgg, reduction="sum")
+    return loss

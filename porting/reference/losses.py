@@ -89,3 +89,50 @@ def mprnet_loss(outputs, target, edge_weight=0.05, clamp=False):
     if edge_weight:
         loss = loss + edge_weight * sum(edge(o, target) for o in outputs)
     return loss
+
+
+PERCEPTUAL_WEIGHTS = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)
+
+
+class CharbonnierSumLoss(nn.Module):
+    """SNR-Aware's 'cb' loss: sum of sqrt(d^2 + eps), eps = 1e-6 (not squared)."""
+
+    def __init__(self, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x, y):
+        diff = x - y
+        return torch.sum(torch.sqrt(diff * diff + self.eps))
+
+
+class VGGPerceptualLoss(nn.Module):
+    """sum_i w_i * L1(vgg_i(x), vgg_i(y).detach()) over relu1_1..relu5_1, w = 1/32 .. 1, no input
+    normalisation; L1 reduction 'sum' (SNR-Aware) or 'mean' (DarkIR)."""
+
+    def __init__(self, vgg: VGG19Features | None = None, reduction="mean"):
+        super().__init__()
+        self.vgg = vgg if vgg is not None else VGG19Features(num_layers=30)
+        for p in self.vgg.parameters():
+            p.requires_grad_(False)
+        self.criterion = nn.L1Loss(reduction=reduction)
+        self.weights = PERCEPTUAL_WEIGHTS
+
+    def forward(self, x, y):
+        fx = self.vgg(x, RELU_X_1)
+        fy = self.vgg(y, RELU_X_1)
+        loss = 0
+        for w, a, b in zip(self.weights, fx, fy):
+            loss = loss + w * self.criterion(a, b.detach())
+        return loss
+
+
+def snr_loss(pred, target, vgg=None, vgg_weight=0.0):
+    """SNR-Aware: Charbonnier (sum) + vgg_weight * VGG perceptual (sum-reduced L1)."""
+    loss = CharbonnierSumLoss()(pred, target)
+    if vgg_weight:
+        loss = loss + vgg_weight * VGGPerceptualLoss(vgg, reduction="sum")(pred, target)
+    return loss
+
+
+# ------------------------------------------------------------------------------------- DarkIR
