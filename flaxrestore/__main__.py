@@ -168,6 +168,7 @@ def run_restore(args) -> int:
     try:
         restorer = Restorer(module, tile=args.tile, tile_overlap=args.tile_overlap,
                             ensemble=args.ensemble, dtype=dtype, batch=args.batch,
+                            fixed_batch=True,
                             progress=(lambda i, n: progress.show(sub=f"(tiles {i}/{n})"))
                             if args.tile else None)
     except (ValueError, KeyError) as e:

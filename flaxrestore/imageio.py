@@ -268,5 +268,6 @@ def write_image(path: str | os.PathLike, pixels: np.ndarray, alpha: np.ndarray |
     img = Image.fromarray(q[..., 0] if c == 1 else q)
     if img.mode != mode:
         img = img.convert(mode)
-    img.save(path, **({"quality": quality} if jpeg else {}))
+    # JPEG: no chroma subsampling (4:4:4), a restored image should not lose colour detail
+    img.save(path, **({"quality": quality, "subsampling": 0} if jpeg else {}))
     return path

@@ -35,25 +35,13 @@ from flaxrestore import layers, models
 # --------------------------------------------------------------------------------- protocols
 
 
-def snr_map(x: np.ndarray) -> np.ndarray:
-    """SNR-Aware's signal-to-noise map of RGB images in [0, 1]: (N, H, W, 3) -> (N, H, W, 1).
+def _snr_inputs(x: np.ndarray) -> tuple[np.ndarray]:
+    """SNR-Aware's map of the unpadded image, with the model file's own implementation (5x5 box
+    blur with reflect-101 borders, grey of image and blur, light / (|dark - light| + 1e-4),
+    divided by the per-image max + 1e-4, clamped); padded afterwards like the image."""
+    from flaxrestore.models.snr import snr_map
 
-    5x5 normalised box blur with reflect-101 borders (OpenCV's default), grey = 0.299 R +
-    0.587 G + 0.114 B of the image and of the blur, snr = light / (|dark - light| + 1e-4),
-    divided by its per-image max + 1e-4 and clamped to [0, 1].
-    """
-    x = np.asarray(x, np.float32)
-    n, h, w, _ = x.shape
-    p = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")  # needs H, W >= 3
-    c = np.cumsum(np.cumsum(p, axis=1, dtype=np.float64), axis=2)
-    c = np.pad(c, ((0, 0), (1, 0), (1, 0), (0, 0)))
-    box = (c[:, 5:, 5:] - c[:, :-5, 5:] - c[:, 5:, :-5] + c[:, :-5, :-5]) / 25.0
-    weights = np.asarray([0.299, 0.587, 0.114], np.float64)
-    dark = x.astype(np.float64) @ weights
-    light = box @ weights
-    snr = light / (np.abs(dark - light) + 1e-4)
-    snr = snr / (snr.reshape(n, -1).max(axis=1)[:, None, None] + 1e-4)
-    return np.clip(snr, 0.0, 1.0).astype(np.float32)[..., None]
+    return (np.asarray(snr_map(jnp.asarray(x)), np.float32),)
 
 
 def _same(out):
@@ -87,7 +75,7 @@ PROTOCOLS: dict[str, Protocol] = {
                             "stage 3 is the result"),
     "darkir": Protocol(8, "zeros", note="inference.py: zero-pad bottom/right to 8 (the network "
                        "would pad the same way itself), clamp, crop"),
-    "snr": Protocol(16, "reflect", extra_inputs=lambda x: (snr_map(x),),
+    "snr": Protocol(16, "reflect", extra_inputs=_snr_inputs,
                     note="SNR map from the unpadded input (box blur 5, reflect-101); H, W padded "
                          "to 16 so the 4x4 patch fold is exact (the original needs 4, exact at 16)"),
     "aecrnet": Protocol(4, "reflect", note="needs H, W multiples of 4 (the original crashes or "
@@ -203,13 +191,16 @@ def _dtype_name(dtype) -> str:
 class Restorer:
     """A model ready to restore images: protocol, tiling and ensemble settings fixed once.
 
-    Reuse one Restorer for many images: the tile (or image) shape is compiled once per shape.
+    Reuse one Restorer for many images: the network compiles once per tile (or padded image)
+    shape. ``batch`` tiles or images go through one call; with ``fixed_batch`` every call has
+    exactly ``batch`` (the last filled with repeats), so a folder of equal-size images compiles
+    once even when some groups are smaller.
     """
 
     def __init__(self, module: nnx.Module, *, family: str | None = None, tile: int | None = None,
                  tile_overlap: int = 32, ensemble: bool = False, dtype=None, batch: int = 1,
                  clamp: bool | None = None, protocol: Protocol | None = None,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, fixed_batch: bool = False):
         if protocol is not None:
             self.family, self.protocol = family or type(module).__name__, protocol
         else:
@@ -229,6 +220,7 @@ class Restorer:
         self.dtype = _dtype_name(dtype)
         self.clamp = self.protocol.clamp if clamp is None else clamp
         self.progress = progress
+        self.fixed_batch = fixed_batch  # always call with `batch` items (repeats fill the rest)
         # an evaluation-mode view that shares the weights, so the caller's module is not mutated
         graphdef, state = nnx.split(module)
         view = nnx.merge(graphdef, state)
@@ -256,7 +248,7 @@ class Restorer:
         ys = tile_starts(hp, th, self.overlap)
         xs = tile_starts(wp, tw, self.overlap)
         units = [(i, y, x) for i in range(n) for y in ys for x in xs]
-        per_call = min(self.batch, len(units))
+        per_call = self.batch if self.fixed_batch else min(self.batch, len(units))
         acc = weight = None
         total_calls = -(-len(units) // per_call)
         for call, first in enumerate(range(0, len(units), per_call)):
