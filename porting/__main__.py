@@ -89,7 +89,7 @@ def cmd_verify(args) -> int:
         else:
             state = porting.load_state_dict_file(args.checkpoint, key=args.key)
         torch_module = reference.build(args.name)
-        torch_module.load_state_dict(state, strict=True)
+        torch_module.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
         torch_module.eval()
     _step(f"running torch reference and Flax port of {args.name} "
           f"(batch {args.batch}{', with gradients' if args.grads else ''})")

@@ -16,6 +16,7 @@ in torch's state_dict: every alias must hold the same value on import and all ar
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterable, Mapping
 
 import jax.numpy as jnp
@@ -148,13 +149,19 @@ def _match_problems(layout_shapes: Mapping[str, tuple], given: Mapping[str, tupl
     return missing, unexpected, mismatched
 
 
-def matching_variants(state_shapes: Mapping[str, tuple], family: str | None = None) -> list[str]:
-    """Registered names whose state_dict has exactly these keys and shapes."""
+@functools.lru_cache(maxsize=None)
+def _variant_shapes(name: str, overrides: tuple) -> dict[str, tuple[int, ...]]:
+    return expected_shapes(models.create_abstract(name, **dict(overrides)))
+
+
+def matching_variants(state_shapes: Mapping[str, tuple], family: str | None = None,
+                      **overrides) -> list[str]:
+    """Registered names (of ``family``, or all) whose state_dict has exactly these keys/shapes."""
     found = []
     for name in models.names(family):
         try:
-            shapes = expected_shapes(models.create_abstract(name))
-        except Exception:  # a variant that cannot even be built is no candidate
+            shapes = _variant_shapes(name, tuple(sorted(overrides.items())))
+        except Exception:  # a variant that cannot be built with these overrides is no candidate
             continue
         if not any(_match_problems(shapes, state_shapes)):
             found.append(name)
@@ -180,7 +187,8 @@ def _format_problems(name, missing, unexpected, mismatched, limit=50) -> str:
 
 
 def load_state_dict(module: nnx.Module, state_dict: Mapping[str, Any], *, strict: bool = True,
-                    name: str | None = None) -> dict[str, list[str]]:
+                    name: str | None = None, overrides: Mapping[str, Any] | None = None
+                    ) -> dict[str, list[str]]:
     """Fills ``module``'s variables from a torch-layout state dict, in place.
 
     Strict by default: every variable filled, every tensor used, every shape right; otherwise a
@@ -209,7 +217,9 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, Any], *, strict
         if conflicts:
             msg += "\n  shared parameter aliases disagree:\n" + "\n".join(f"    {c}" for c in conflicts)
         if name is not None and not conflicts:
-            others = [n for n in matching_variants({k: a.shape for k, a in arrays.items()})
+            # the other variants of the same family (a wrong variant name is the usual mistake)
+            others = [n for n in matching_variants({k: a.shape for k, a in arrays.items()},
+                                                   _family(name), **(overrides or {}))
                       if n != name]
             if others:
                 msg += f"\n  these weights match {', '.join(others)}: load them under that name"
@@ -236,7 +246,7 @@ def torch_to_flax(name: str, state_dict: Mapping[str, Any], *, strict: bool = Tr
         module = models.create_abstract(name, **overrides)  # no random init: every slot is filled
     else:
         module = models.create(name, **overrides)
-    load_state_dict(module, state_dict, strict=strict, name=name)
+    load_state_dict(module, state_dict, strict=strict, name=name, overrides=overrides)
     return module
 
 

@@ -123,7 +123,7 @@ def test_gradients_full_width():
     name = "restormer:real_denoising"
     torch.manual_seed(2)
     ref = _perturb(reference.build(name), seed=2)
-    report = verify.compare(name, ref, batch=1, height=8, width=16, grads=True)
+    report = verify.compare(name, ref, batch=1, height=16, width=24, grads=True)
     assert len(report.grads) == 406 + 1
     assert report.worst() <= 1e-4, report.format()
 
