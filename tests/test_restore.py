@@ -100,7 +100,7 @@ def torch_protocol(family, ref, x, clamp=True):
     if family == "snr":  # the SNR map of the unpadded image, padded like it
         from flaxrestore.models.snr import snr_map as model_snr_map
 
-        m = torch.from_numpy(np.asarray(model_snr_map(jnp.asarray(x)))).permute(0, 3, 1, 2)
+        m = torch.from_numpy(np.array(model_snr_map(jnp.asarray(x)))).permute(0, 3, 1, 2)
         args.append(F.pad(m, pad, mode=mode))
     with torch.no_grad():
         out = ref(*args)
