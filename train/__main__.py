@@ -1,0 +1,115 @@
+"""Command line of the trainer.
+
+    python -m train --list
+    python -m train --config NAME[:ARG] --workdir DIR [--set key=value ...]      # train / resume
+    python -m train evaluate --config NAME --workdir DIR [--checkpoint best|latest|STEP]
+    python -m train export --config NAME --workdir DIR --out MODEL_DIR [--checkpoint ...]
+    python -m train show --config NAME [--set ...]                              # print the recipe
+
+Re-running a training command in the same workdir resumes it. Multi-host (TPU pods, several GPU
+hosts): pass ``--distributed`` (or set ``TRAIN_DISTRIBUTED=1``) on every host; it calls
+``jax.distributed.initialize()`` first (arguments from ``--coordinator``, ``--num-processes``,
+``--process-id`` or the platform's environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train the published restoration recipes (JAX, data-parallel, resumable).",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("command", nargs="?", default="train",
+                   choices=("train", "evaluate", "export", "show", "list"),
+                   help="what to do (default: train)")
+    p.add_argument("--config", help="recipe name in train/configs (NAME or NAME:ARG) or a .py file")
+    p.add_argument("--workdir", help="directory of checkpoints, logs and exports")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field (dotted paths, Python literals); repeatable")
+    p.add_argument("--list", action="store_true", help="list the recipes and exit")
+    p.add_argument("--checkpoint", default="best",
+                   help="evaluate/export: 'best', 'latest' or a step number (default: best)")
+    p.add_argument("--out", help="export: the Flax model directory to write")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps (the run resumes later up to total_steps)")
+    p.add_argument("--distributed", action="store_true",
+                   default=os.environ.get("TRAIN_DISTRIBUTED", "") not in ("", "0"),
+                   help="call jax.distributed.initialize() (multi-host)")
+    p.add_argument("--coordinator", help="coordinator address host:port (multi-host)")
+    p.add_argument("--num-processes", type=int, help="number of hosts (multi-host)")
+    p.add_argument("--process-id", type=int, help="this host's index (multi-host)")
+    return p
+
+
+def _compilation_cache(workdir: str) -> None:
+    """Compiled steps are cached on disk (in the workdir unless JAX_COMPILATION_CACHE_DIR is
+    set), so a resumed run or an evaluation does not compile them again."""
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir",
+                          os.path.join(os.path.abspath(workdir), "xla_cache"))
+    if not os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.list or args.command == "list":
+        from train import recipe as recipe_lib
+
+        for name, line in recipe_lib.list_configs():
+            print(f"{name:40s} {line}")
+        return 0
+    if not args.config:
+        _parser().error("--config is required")
+
+    import jax
+
+    if args.distributed:
+        kw = {k: v for k, v in (("coordinator_address", args.coordinator),
+                                ("num_processes", args.num_processes),
+                                ("process_id", args.process_id)) if v is not None}
+        jax.distributed.initialize(**kw)
+
+    from train import loop, recipe as recipe_lib
+
+    recipe = recipe_lib.load(args.config, args.overrides)
+    if args.command == "show":
+        print(json.dumps(recipe_lib.to_dict(recipe), indent=2, default=str))
+        return 0
+    if not args.workdir:
+        _parser().error("--workdir is required")
+    _compilation_cache(args.workdir)
+    if args.command == "train":
+        try:
+            loop.train(recipe, args.workdir, max_steps=args.max_steps)
+        except loop.NonFiniteLoss as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        return 0
+    if args.command == "evaluate":
+        values = loop.evaluate(recipe, args.workdir, which=args.checkpoint)
+        if loop.is_main_process():
+            print(json.dumps(values))
+        return 0
+    if args.command == "export":
+        if not args.out:
+            _parser().error("export needs --out")
+        path = loop.export_checkpoint(recipe, args.workdir, args.out, which=args.checkpoint)
+        if loop.is_main_process():
+            print(f"wrote {path}; convert with: python -m porting export {recipe.model} {path} "
+                  f"OUT.pth")
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

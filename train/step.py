@@ -1,0 +1,397 @@
+"""The jitted train and eval steps over a device mesh, and what they need.
+
+One code path from one CPU to a TPU pod: a 1-D mesh ``('data',)`` over every device of every
+host (``jax.make_mesh``), the batch sharded on ``'data'``, parameters, optimizer state and EMA
+replicated, the state buffers donated to the step. Multi-host runs assemble each host's part of
+the batch into one global array with ``jax.make_array_from_process_local_data``. XLA inserts the
+gradient all-reduce; there is no pmap and no hand-written collective.
+
+The train state is a plain pytree (pure dicts of arrays), so orbax saves and restores it as is::
+
+    {"step": int32[], "params": {...}, "model_state": {...}, "opt_state": ..., "ema": {...}}
+
+``model_state`` holds the model's non-parameter variables (AECR-Net's FastDeconv running
+statistics, updated by the training forward); ``ema`` is empty unless the recipe sets
+``ema_decay``. Random numbers of step ``t`` come from ``fold_in(key(seed), t)``, so a resumed
+run draws exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from flaxrestore import losses as flosses
+from flaxrestore import models
+from train import schedules
+from train.recipe import LossTerm, MixupConfig, Recipe
+
+DATA_AXIS = "data"
+
+
+# --------------------------------------------------------------------------------------------
+# mesh and sharding
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """A 1-D data-parallel mesh over ``devices`` (default: every device of every host)."""
+    devices = list(devices) if devices is not None else jax.devices()
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def global_batch(mesh, local: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """This host's rows of the batch -> global arrays sharded on 'data' (works on 1 to N hosts)."""
+    sharding = batch_sharding(mesh)
+    out = {}
+    for k, v in local.items():
+        v = np.asarray(v)
+        shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
+        out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+    return out
+
+
+def replicate(mesh, tree):
+    """Places a host-side pytree (identical on every host) replicated on the mesh."""
+    sharding = replicated(mesh)
+
+    def put(a):
+        a = np.asarray(a)
+        return jax.make_array_from_process_local_data(sharding, a, a.shape)
+
+    return jax.tree.map(put, tree)
+
+
+# --------------------------------------------------------------------------------------------
+# model
+
+
+@dataclasses.dataclass
+class ModelDef:
+    """The static halves of a model (train- and eval-mode graphdefs) and its initial weights."""
+
+    name: str
+    overrides: dict
+    train_graph: Any
+    eval_graph: Any
+    params: dict
+    model_state: dict
+    cls: type
+
+    def module(self, params, model_state=None, *, train: bool = False) -> nnx.Module:
+        graph = self.train_graph if train else self.eval_graph
+        return nnx.merge(graph, params, model_state if model_state is not None else self.model_state)
+
+
+def build_model(recipe: Recipe, seed: int | None = None) -> ModelDef:
+    overrides = dict(recipe.model_overrides)
+    module = models.create(recipe.model, rngs=nnx.Rngs(recipe.seed if seed is None else seed),
+                           **overrides)
+    module.train()
+    train_graph, params, rest = nnx.split(module, nnx.Param, ...)
+    module.eval()
+    eval_graph, _, _ = nnx.split(module, nnx.Param, ...)
+    return ModelDef(recipe.model, overrides, train_graph, eval_graph, nnx.to_pure_dict(params),
+                    nnx.to_pure_dict(rest), type(module))
+
+
+def split_module(module: nnx.Module) -> tuple[dict, dict]:
+    _, params, rest = nnx.split(module, nnx.Param, ...)
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
+def _cast_floating(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                        tree)
+
+
+# --------------------------------------------------------------------------------------------
+# losses
+
+
+@dataclasses.dataclass
+class Outputs:
+    """The model's outputs, normalised: ``main`` the restored image, ``all`` every image output
+    (MPRNet: stage 3, 2, 1), ``side`` DarkIR's low-resolution side output (or None)."""
+
+    main: jax.Array
+    all: tuple[jax.Array, ...]
+    side: jax.Array | None = None
+
+
+def run_forward(module: nnx.Module, lq: jax.Array, mode: str, train: bool) -> Outputs:
+    if mode == "side" and train:
+        side, out = module(lq, side_loss=True)
+        return Outputs(out, (out,), side)
+    out = module(lq)
+    if isinstance(out, (tuple, list)):
+        return Outputs(out[0], tuple(out))
+    return Outputs(out, (out,))
+
+
+def _charbonnier(pred, target, eps: float = 1e-3, reduction: str = "mean"):
+    from flaxrestore.losses import charbonnier
+    return charbonnier(pred, target, eps=eps, reduction=reduction)
+
+
+def _nearest_up(x, factor: int):
+    return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
+
+
+LossFn = Callable[..., jax.Array]
+
+
+def _term_fn(term: LossTerm) -> LossFn:
+    """``fn(pred, gt, lq, vgg) -> scalar`` for one term kind (before weighting)."""
+    opts = dict(term.options)
+    kind = term.kind
+    if kind == "l1":
+        return lambda p, g, lq, vgg: flosses.l1(p, g)
+    if kind == "mse":
+        return lambda p, g, lq, vgg: jnp.mean(jnp.square(p - g))
+    if kind == "charbonnier":
+        return lambda p, g, lq, vgg: flosses.charbonnier(p, g, **opts)
+    if kind == "edge":  # MPRNet: Charbonnier between Laplacian-pyramid residuals
+        return lambda p, g, lq, vgg: flosses.edge_loss(p, g, **opts)
+    if kind == "laplacian_mse":  # DarkIR: MSE between Laplacian-pyramid residuals
+        return lambda p, g, lq, vgg: flosses.laplacian_mse(p, g, **opts)
+    if kind == "perceptual":  # VGG19 relu1_1..relu5_1, SNR-Aware / DarkIR
+        return lambda p, g, lq, vgg: flosses.perceptual(p, g, vgg, **opts)
+    if kind == "contrastive":  # AECR-Net: negative = the hazy input
+        return lambda p, g, lq, vgg: flosses.contrastive_regularization(p, g, lq, vgg, **opts)
+    raise ValueError(f"unknown loss kind {kind!r}; known: {', '.join(LOSS_KINDS)}")
+
+
+LOSS_KINDS = ("l1", "mse", "charbonnier", "edge", "laplacian_mse", "perceptual", "contrastive")
+VGG_KINDS = ("perceptual", "contrastive")
+
+
+def needs_vgg(recipe: Recipe) -> bool:
+    return any(t.kind in VGG_KINDS and t.weight for t in recipe.losses)
+
+
+def make_loss(recipe: Recipe) -> Callable[[Outputs, jax.Array, jax.Array, Any],
+                                           tuple[jax.Array, dict]]:
+    """total loss and its named terms from the model outputs, the target and the input."""
+    terms = [(t, _term_fn(t)) for t in recipe.losses if t.weight]
+
+    def loss(outs: Outputs, gt, lq, vgg):
+        total = jnp.zeros((), jnp.float32)
+        parts = {}
+        for i, (t, fn) in enumerate(terms):
+            if t.outputs == "main":
+                preds = [outs.main]
+            elif t.outputs == "all":
+                preds = list(outs.all)
+            elif t.outputs == "side":
+                if outs.side is None:
+                    raise ValueError(f"loss term {t.kind} wants the side output; set forward='side'")
+                factor = gt.shape[1] // outs.side.shape[1]
+                preds = [_nearest_up(outs.side, factor)[:, :gt.shape[1], :gt.shape[2]]]
+            else:
+                raise ValueError(f"unknown outputs {t.outputs!r} (main, all, side)")
+            value = jnp.zeros((), jnp.float32)
+            for p in preds:
+                p = p.astype(jnp.float32)
+                if t.clamp:
+                    p = jnp.clip(p, 0.0, 1.0)
+                value = value + fn(p, gt, lq, vgg).astype(jnp.float32)
+            parts[f"loss_{t.kind}" + (f"_{t.outputs}" if t.outputs != "main" else "") +
+                  (f"_{i}" if f"loss_{t.kind}" in parts else "")] = value
+            total = total + t.weight * value
+        return total, parts
+
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# VGG19 for perceptual / contrastive terms
+
+
+def load_vgg(path: str | None, *, allow_random: bool = False):
+    """(graphdef, params) of a VGG19 up to relu5_1 with ImageNet weights read from ``path``.
+
+    ``path``: a ``.safetensors`` or ``.npz`` file with torchvision's keys (``features.N.weight``
+    OIHW, ``features.N.bias``), e.g. written from ``vgg19-dcbb9e9d.pth`` with
+    ``python -m porting`` or safetensors. Nothing is downloaded. ``path='random'`` builds an
+    untrained VGG (only to exercise the plumbing in tests; such a loss is meaningless).
+    """
+    from flaxrestore import vgg as fvgg
+
+    net = fvgg.VGG19(rngs=nnx.Rngs(0), num_layers=30)
+    if path is None:
+        raise ValueError("this recipe has a VGG19 loss term: pass the ImageNet VGG19 weights with "
+                         "--set vgg_weights=/path/vgg19.safetensors (torchvision keys; nothing is "
+                         "downloaded), or set that term's weight to 0")
+    if path != "random":
+        if path.endswith(".safetensors"):
+            from safetensors.numpy import load_file
+            arrays = load_file(path)
+        elif path.endswith(".npz"):
+            arrays = dict(np.load(path))
+        else:
+            raise ValueError(f"VGG weights must be .safetensors or .npz (torchvision keys), got {path}")
+        for i, layer in enumerate(net.features.layers):
+            if not hasattr(layer, "kernel"):
+                continue
+            w, b = f"features.{i}.weight", f"features.{i}.bias"
+            if w not in arrays or b not in arrays:
+                raise KeyError(f"{path}: missing {w} / {b}")
+            kernel = np.transpose(arrays[w], (2, 3, 1, 0))  # OIHW -> HWIO
+            if kernel.shape != layer.kernel.shape:
+                raise ValueError(f"{path}: {w} has shape {arrays[w].shape}, expected the "
+                                 f"torchvision VGG19 layout")
+            layer.kernel.set_value(jnp.asarray(kernel, jnp.float32))
+            layer.bias.set_value(jnp.asarray(arrays[b], jnp.float32))
+    elif not allow_random:
+        raise ValueError("vgg_weights='random' is only for tests")
+    graph, params = nnx.split(net, nnx.Param)
+    return graph, nnx.to_pure_dict(params)
+
+
+# --------------------------------------------------------------------------------------------
+# augmentations inside the step
+
+
+def mixup(key, lq, gt, cfg: MixupConfig, step):
+    """Restormer's batch MixUp or MPRNet's per-sample MixUp (see MixupConfig)."""
+    if cfg.kind == "none":
+        return lq, gt
+    k_perm, k_lam, k_use = jax.random.split(key, 3)
+    n = lq.shape[0]
+    perm = jax.random.permutation(k_perm, n)
+    if cfg.kind == "batch":
+        lam = jax.random.beta(k_lam, cfg.alpha, cfg.alpha).reshape(1, 1, 1, 1)
+    elif cfg.kind == "per_sample":
+        lam = jax.random.beta(k_lam, cfg.alpha, cfg.alpha, (n,)).reshape(n, 1, 1, 1)
+    else:
+        raise ValueError(f"unknown mixup kind {cfg.kind!r}")
+    use = (step >= cfg.start_step) & (jax.random.uniform(k_use) < cfg.prob)
+    lam = jnp.where(use, lam, 1.0).astype(lq.dtype)
+    return lam * lq + (1 - lam) * lq[perm], lam * gt + (1 - lam) * gt[perm]
+
+
+def progressive_crop(batch: Mapping[str, np.ndarray], batch_size: int, patch: int,
+                     rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """BasicSR's progressive training on host: ``batch_size`` random rows (without replacement)
+    of the loaded batch, all cropped at one random offset to ``patch`` x ``patch``."""
+    n, h, w = next(iter(batch.values())).shape[:3]
+    out = dict(batch)
+    if batch_size < n:
+        idx = np.sort(rng.choice(n, batch_size, replace=False))
+        out = {k: v[idx] for k, v in out.items()}
+    if patch < h or patch < w:
+        y = int((h - patch) * rng.random())
+        x = int((w - patch) * rng.random())
+        out = {k: v[:, y:y + patch, x:x + patch] for k, v in out.items()}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# state and steps
+
+
+def init_state(model: ModelDef, tx: optax.GradientTransformation, ema: bool) -> dict:
+    params = model.params
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "model_state": model.model_state,
+        "opt_state": tx.init(params),
+        "ema": jax.tree.map(jnp.copy, params) if ema else {},
+    }
+
+
+def abstract_state(model: ModelDef, tx, ema: bool) -> dict:
+    return jax.eval_shape(lambda: init_state(model, tx, ema))
+
+
+def _tree_select(ok, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def make_train_step(recipe: Recipe, model: ModelDef, tx: optax.GradientTransformation, mesh,
+                    vgg_graph=None) -> Callable:
+    """``step(state, batch, frozen) -> (state, metrics)``, jitted over ``mesh``.
+
+    ``batch``: {"lq", "gt"} global arrays sharded on 'data'; ``frozen``: {"vgg": params} or {}.
+    A non-finite loss or gradient leaves the state unchanged (metrics['finite'] == 0) so the
+    caller can stop with the last good weights.
+    """
+    loss_fn = make_loss(recipe)
+    lr_fn = schedules.learning_rate(recipe.optimizer)
+    compute = jnp.dtype(recipe.dtype)
+    base_key = jax.random.key(recipe.seed)
+    ema_decay = float(recipe.ema_decay)
+
+    def step(state, batch, frozen):
+        t = state["step"]
+        key = jax.random.fold_in(base_key, t)
+        lq, gt = batch["lq"].astype(jnp.float32), batch["gt"].astype(jnp.float32)
+        lq, gt = mixup(key, lq, gt, recipe.mixup, t)
+        vgg = nnx.merge(vgg_graph, frozen["vgg"]) if vgg_graph is not None else None
+
+        def objective(params):
+            p = _cast_floating(params, compute) if compute != jnp.float32 else params
+            module = model.module(p, state["model_state"], train=True)
+            outs = run_forward(module, lq.astype(compute), recipe.forward, train=True)
+            loss, parts = loss_fn(outs, gt, lq, vgg)
+            _, rest = split_module(module)
+            return loss, (parts, rest)
+
+        (loss, (parts, new_model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        ema = state["ema"]
+        if ema_decay:
+            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+        new_model_state = jax.tree.map(lambda a, b: a.astype(b.dtype), new_model_state,
+                                       state["model_state"])
+        candidate = {"params": params, "opt_state": opt_state, "ema": ema,
+                     "model_state": new_model_state}
+        kept = _tree_select(ok, candidate, {k: state[k] for k in candidate})
+        new_state = dict(kept, step=t + ok.astype(jnp.int32))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(t), "finite": ok, **parts}
+        return new_state, metrics
+
+    rep = replicated(mesh)
+    return jax.jit(step, in_shardings=(rep, batch_sharding(mesh), rep),
+                   out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def make_eval_fn(recipe: Recipe, model: ModelDef, mesh) -> Callable:
+    """``fn(params, model_state, *inputs) -> restored`` (the main output, float32), jitted."""
+    compute = jnp.dtype(recipe.dtype)
+    from flaxrestore import restore as frestore
+
+    family = models.entry(recipe.model).family
+    select = frestore.protocol_for(family=family).select
+
+    def fn(params, model_state, *inputs):
+        p = _cast_floating(params, compute) if compute != jnp.float32 else params
+        module = model.module(p, model_state, train=False)
+        out = select(module(*[x.astype(compute) for x in inputs]))
+        return out.astype(jnp.float32)
+
+    rep = replicated(mesh)
+    return jax.jit(fn, in_shardings=rep, out_shardings=rep)
