@@ -349,6 +349,19 @@ def test_cli_errors(tmp_path, monkeypatch, capsys):
     assert "no input matches" in capsys.readouterr().err
 
 
+def test_cli_reads_safetensors_without_torch(tmp_path, small_restormer, monkeypatch):
+    import porting
+    from safetensors.numpy import save_file
+
+    name, over, _, _ = SMALL["restormer"]
+    save_file(porting.flax_to_numpy(small_restormer), str(tmp_path / "w.safetensors"))
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    module = cli.load_weights(name, str(tmp_path / "w.safetensors"), overrides=over)
+    for a, b in zip(jax.tree.leaves(nnx.state(module, nnx.Param)),
+                    jax.tree.leaves(nnx.state(small_restormer, nnx.Param))):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_cli_list(capsys):
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
