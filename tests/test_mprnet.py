@@ -1,0 +1,430 @@
+"""MPRNet: Flax port vs the torch reference, block by block, for every released variant, its losses
+(Charbonnier, edge) and one training step of its recipe."""
+
+import functools
+
+import numpy as np
+import optax
+import pytest
+import torch
+from flax import nnx
+
+import jax
+import jax.numpy as jnp
+import porting
+from flaxrestore import layers, losses, models
+from flaxrestore.models import mprnet as M
+from porting import convert, reference
+from porting.reference import losses as TL
+from porting.reference import mprnet as TM
+
+VARIANTS = models.names("mprnet")
+# reduced widths for the expensive checks (gradients, optimizer step)
+SMALL = dict(n_feat=16, scale_unetfeats=8, scale_orsnetfeats=8, num_cab=1)
+
+# From the spec (counted on the official classes): (n_feat, scale_unetfeats, scale_orsnetfeats),
+# unique parameters, and the sum of state_dict numels (the PReLU scalar counted 55 times).
+SPEC = {
+    "mprnet:deblurring": ((96, 48, 32), 20_127_073, 20_127_127),
+    "mprnet:deraining": ((40, 20, 16), 3_637_249, 3_637_303),
+    "mprnet:denoising": ((80, 48, 32), 15_741_025, 15_741_079),
+}
+N_KEYS, N_CABS = 316, 55
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # Under `pytest -n 2` on 2 cores, torch's second intra-op thread mostly spins: one thread
+    # is ~20x cheaper in CPU time here (measured on this file's models).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def prelu_of(ref: TM.MPRNet) -> torch.nn.PReLU:
+    return ref.shallow_feat1[1].body[1]
+
+
+def reference_model(name, seed=0, **overrides) -> TM.MPRNet:
+    """The torch reference with random weights, its shared PReLU slope moved off the 0.25 init."""
+    torch.manual_seed(seed)
+    ref = reference.build(name, **overrides)
+    with torch.no_grad():
+        prelu_of(ref).weight.fill_(0.1 + 0.3 * torch.rand(()).item())
+    return ref
+
+
+@functools.lru_cache(maxsize=None)
+def converted(name):
+    """(torch reference, its state dict, the Flax module converted from it) at released widths.
+
+    Built once per variant for this file (conversion and the abstract model are not free);
+    tests must not modify them.
+    """
+    ref = reference_model(name).eval()
+    sd = ref.state_dict()
+    return ref, sd, porting.torch_to_flax(name, sd)
+
+
+def jit_forward(module, x):
+    graphdef, state = nnx.split(module)
+    return jax.jit(lambda s, a: nnx.merge(graphdef, s)(a))(state, jnp.asarray(x))
+
+
+def rel_diff(flax_value, torch_value, floor=1.0) -> float:
+    a, b = np.asarray(flax_value, np.float64), np.asarray(torch_value, np.float64)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return float(np.abs(a - b).max() / max(floor, np.abs(b).max()))
+
+
+# --------------------------------------------------------------------------- registry, keys
+
+def test_registry_lists_the_three_releases():
+    assert set(VARIANTS) == set(SPEC)
+    for name, (widths, _, _) in SPEC.items():
+        cfg = models.get_config(name)
+        assert (cfg.n_feat, cfg.scale_unetfeats, cfg.scale_orsnetfeats) == widths
+        assert (cfg.in_c, cfg.out_c, cfg.num_cab, cfg.kernel_size, cfg.reduction, cfg.bias) == \
+            (3, 3, 8, 3, 4, False)
+    assert M.MPRNet.size_multiple == 8
+    assert reference.release_key("mprnet:deblurring") == "state_dict"
+    (x,) = M.MPRNet.example_inputs(models.get_config("mprnet:deraining"), 2, 16, 24,
+                                   np.random.default_rng(0))
+    assert x.shape == (2, 16, 24, 3) and x.dtype == np.float32
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_reference_state_dict_matches_release(name):
+    (n, s, o), n_unique, n_total = SPEC[name]
+    ref = reference.build(name)
+    sd = ref.state_dict()
+    assert len(sd) == N_KEYS
+    assert sum(p.numel() for p in ref.parameters()) == n_unique
+    assert sum(v.numel() for v in sd.values()) == n_total
+    # a few shapes the spec lists explicitly
+    assert sd["shallow_feat1.0.weight"].shape == (n, 3, 3, 3)
+    assert sd["stage1_encoder.down23.down.1.weight"].shape == (n + 2 * s, n + s, 1, 1)
+    assert sd["stage2_encoder.csff_dec3.weight"].shape == (n + 2 * s, n + 2 * s, 1, 1)
+    assert sd["stage3_orsnet.orb3.body.8.weight"].shape == (n + o, n + o, 3, 3)
+    assert sd["stage3_orsnet.up_dec2.0.up.1.weight"].shape == (n + s, n + 2 * s, 1, 1)
+    assert sd["sam23.conv2.weight"].shape == (3, n, 1, 1)
+    assert sd["concat23.weight"].shape == (n + o, 2 * n, 3, 3)
+    assert "stage1_encoder.csff_enc1.weight" not in sd
+    prelu_keys = [k for k, v in sd.items() if v.shape == (1,)]
+    assert len(prelu_keys) == N_CABS and all(k.endswith("body.1.weight") for k in prelu_keys)
+    assert len({sd[k].data_ptr() for k in prelu_keys}) == 1  # one shared parameter
+    # the flax module expects exactly those keys and shapes
+    expected = convert.expected_shapes(converted(name)[2])
+    assert expected == {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def test_flax_model_has_one_shared_prelu():
+    module = converted("mprnet:deraining")[2]
+    layout = convert.torch_layout(module)
+    prelu = [slot for k, slot in layout.items() if slot.flax_shape == (1,)]
+    assert len(prelu) == N_CABS
+    assert len({id(slot.variable) for slot in prelu}) == 1
+    assert all(k == "weight" and isinstance(s.variable, nnx.Param)
+               for k, s in [(slot.flax_path[-1], slot) for slot in prelu])
+    # 316 keys, 262 distinct tensors (the spec's count)
+    assert len(jax.tree.leaves(nnx.state(module, nnx.Param))) == N_KEYS - N_CABS + 1
+    assert not hasattr(module, "act")  # a local in the original: no top-level `act` key
+
+
+# --------------------------------------------------------------------------- blocks
+
+def _block_cases():
+    """name -> (torch block, flax block, list of NHWC input shapes)."""
+    rngs = nnx.Rngs(0)
+    t_act, f_act = torch.nn.PReLU(), layers.PReLU()
+    c, s, k, r = 8, 4, 3, 4
+    enc_shapes = [(2, 8, 12, c), (2, 4, 6, c + s), (2, 2, 3, c + 2 * s)]
+    return {
+        "CALayer": (TM.CALayer(c, r, bias=True), M.CALayer(c, r, bias=True, rngs=rngs),
+                    [(2, 8, 12, c)]),
+        "CAB": (TM.CAB(c, k, r, False, t_act), M.CAB(c, k, r, False, f_act, rngs=rngs),
+                [(2, 8, 12, c)]),
+        "CAB-bias": (TM.CAB(c, k, r, True, t_act), M.CAB(c, k, r, True, f_act, rngs=rngs),
+                     [(2, 8, 12, c)]),
+        "SAM": (TM.SAM(c, 1, False), M.SAM(c, 1, False, rngs=rngs), [(2, 8, 12, c), (2, 8, 12, 3)]),
+        "DownSample": (TM.DownSample(c, s), M.DownSample(c, s, rngs=rngs), [(2, 8, 12, c)]),
+        "DownSample-odd": (TM.DownSample(c, s), M.DownSample(c, s, rngs=rngs), [(2, 7, 9, c)]),
+        "UpSample": (TM.UpSample(c, s), M.UpSample(c, s, rngs=rngs), [(2, 4, 6, c + s)]),
+        "SkipUpSample": (TM.SkipUpSample(c, s), M.SkipUpSample(c, s, rngs=rngs),
+                         [(2, 4, 6, c + s), (2, 8, 12, c)]),
+        "Encoder": (TM.Encoder(c, k, r, t_act, False, s, csff=False),
+                    M.Encoder(c, k, r, f_act, False, s, csff=False, rngs=rngs), [(2, 8, 12, c)]),
+        "Encoder-csff": (TM.Encoder(c, k, r, t_act, False, s, csff=True),
+                         M.Encoder(c, k, r, f_act, False, s, csff=True, rngs=rngs),
+                         [(2, 8, 12, c)] + enc_shapes + enc_shapes),
+        "Decoder": (TM.Decoder(c, k, r, t_act, False, s),
+                    M.Decoder(c, k, r, f_act, False, s, rngs=rngs), enc_shapes),
+        "ORB": (TM.ORB(c + 4, k, r, t_act, False, 2), M.ORB(c + 4, k, r, f_act, False, 2, rngs=rngs),
+                [(2, 8, 12, c + 4)]),
+        "ORSNet": (TM.ORSNet(c, 4, k, r, t_act, False, s, 1),
+                   M.ORSNet(c, 4, k, r, f_act, False, s, 1, rngs=rngs),
+                   [(2, 8, 12, c + 4)] + enc_shapes + enc_shapes),
+    }
+
+
+def _call_block(block, name, xs):
+    if name == "Encoder-csff":
+        return block(xs[0], xs[1:4], xs[4:7])
+    if name == "Decoder":
+        return block(list(xs))
+    if name == "ORSNet":
+        return block(xs[0], xs[1:4], xs[4:7])
+    return block(*xs)
+
+
+def _flat(out):
+    if isinstance(out, (list, tuple)):
+        return [o for item in out for o in _flat(item)]
+    return [out]
+
+
+@pytest.mark.parametrize("block", list(_block_cases()))
+def test_block_forward(block):
+    torch.manual_seed(0)
+    t, f, shapes = _block_cases()[block]
+    with torch.no_grad():
+        for p in t.parameters():
+            if p.shape == (1,):  # the PReLU slope
+                p.fill_(0.17)
+    convert.load_state_dict(f, t.state_dict())
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal(sh).astype(np.float32) for sh in shapes]
+    with torch.no_grad():
+        ref = [nhwc(o) for o in _flat(_call_block(t, block, [nchw(x) for x in xs]))]
+    out = [np.asarray(o) for o in _flat(_call_block(f, block, [jnp.asarray(x) for x in xs]))]
+    assert len(out) == len(ref)
+    for o, r in zip(out, ref):
+        assert o.shape == r.shape
+        assert np.abs(o - r).max() <= 1e-5
+
+
+# --------------------------------------------------------------------------- whole networks
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_variant_forward(name):
+    ref, _, module = converted(name)
+    (x,) = M.MPRNet.example_inputs(module.config, 2, 16, 24, np.random.default_rng(0))
+    with torch.no_grad():
+        expected = [nhwc(o) for o in ref(nchw(x))]
+    outs = jit_forward(module, x)
+    assert isinstance(outs, list) and len(outs) == 3  # [stage3, stage2, stage1]
+    for o, e in zip(outs, expected):
+        assert o.shape == (2, 16, 24, 3)
+        assert rel_diff(o, e) <= 1e-4
+    # the three stages really differ, so the order is checked by the comparison above
+    assert np.abs(expected[0] - expected[1]).max() > 1e-3
+    assert np.abs(expected[1] - expected[2]).max() > 1e-3
+
+
+def test_rejects_sizes_not_multiple_of_8():
+    m = converted("mprnet:deraining")[2]
+    with pytest.raises(ValueError, match="divisible by 8"):
+        m(jnp.zeros((1, 12, 16, 3)))
+    with pytest.raises(ValueError, match="input channels"):
+        m(jnp.zeros((1, 16, 16, 1)))
+
+
+# --------------------------------------------------------------------------- conversion
+
+def test_round_trip_is_bit_exact_and_loads_strictly():
+    name = "mprnet:deraining"
+    ref, sd, module = converted(name)
+    back = porting.flax_to_torch(module)
+    assert set(back) == set(sd)
+    for k, v in sd.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    # every PReLU alias written, as one shared tensor
+    prelu = [back[k] for k in sd if sd[k].shape == (1,)]
+    assert len(prelu) == N_CABS and len({p.data_ptr() for p in prelu}) == 1
+    fresh = reference.build(name)
+    fresh.load_state_dict(back, strict=True)
+    assert torch.equal(prelu_of(fresh).weight, prelu_of(ref).weight)
+
+
+def test_strict_load_errors():
+    """Strict loading names every problem and leaves the module untouched."""
+    _, sd, module = converted("mprnet:deraining")
+    sd = {k: v.clone() for k, v in sd.items()}
+    before = porting.flax_to_numpy(module)
+
+    missing = {k: v for k, v in sd.items() if k != "tail.weight"}
+    with pytest.raises(porting.ConversionError, match=r"1 missing key.*\n.*\n\s+tail.weight"):
+        porting.load_state_dict(module, missing)
+
+    extra = dict(sd, **{"stage1_encoder.csff_enc1.weight": torch.zeros(40, 40, 1, 1)})
+    with pytest.raises(porting.ConversionError, match="unexpected.*\n.*csff_enc1"):
+        porting.load_state_dict(module, extra)
+
+    # denoising widths (80/48/32) in the deraining model: every conv is the wrong shape
+    wrong = {k: torch.zeros(v.shape) for k, v in converted("mprnet:denoising")[1].items()}
+    with pytest.raises(porting.ConversionError, match=f"{N_KEYS - N_CABS} shape mismatch"):
+        porting.load_state_dict(module, wrong)
+    with pytest.raises(porting.ConversionError,
+                       match=r"1 shape mismatch.*\n.*\n\s+tail.weight: \(3, 112, 3, 3\) vs \(3, 56, 3, 3\)"):
+        porting.load_state_dict(module, dict(sd, **{"tail.weight": wrong["tail.weight"]}))
+
+    # one PReLU alias that disagrees with the others is no MPRNet checkpoint
+    bad = dict(sd)
+    bad["stage3_orsnet.orb2.body.5.body.1.weight"] = sd["shallow_feat1.1.body.1.weight"] + 0.5
+    with pytest.raises(porting.ConversionError, match="aliases disagree"):
+        porting.load_state_dict(module, bad)
+
+    after = porting.flax_to_numpy(module)
+    assert all(np.array_equal(after[k], v) for k, v in before.items())
+
+    # the three releases share their keys; the shapes tell them apart
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    assert convert.matching_variants(shapes, family="mprnet") == ["mprnet:deraining"]
+
+    # partial loads are possible on request, and report what they skipped
+    small = models.create_abstract("mprnet:deraining", **SMALL)
+    report = porting.load_state_dict(small, {"tail.weight": sd["tail.weight"]}, strict=False)
+    assert report["mismatched"] == ["tail.weight"]
+    assert len(report["missing"]) == len(convert.torch_layout(small)) - 1
+
+
+def test_release_file_layout(tmp_path):
+    """The official file layout: {'epoch', 'state_dict', 'optimizer'}, maybe 'module.' keys."""
+    name = "mprnet:deraining"
+    sd = reference_model(name, seed=5, **SMALL).state_dict()
+    path = tmp_path / "model_deraining.pth"
+    torch.save({"epoch": 250, "state_dict": {"module." + k: v for k, v in sd.items()},
+                "optimizer": {}}, path)
+    module = porting.load_torch_checkpoint(name, path, key=reference.release_key(name), **SMALL)
+    back = porting.flax_to_numpy(module)
+    assert set(back) == set(sd)
+    assert all(np.array_equal(back[k], v.numpy()) for k, v in sd.items())
+
+
+# --------------------------------------------------------------------------- losses
+
+def _loss_inputs(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random(shape, dtype=np.float32), rng.random(shape, dtype=np.float32)
+
+
+def _torch_value_and_grad(fn, pred, target, dtype=torch.float32):
+    tp = nchw(pred).to(dtype).requires_grad_()
+    v = fn(tp, nchw(target).to(dtype))
+    v.backward()
+    return v.item(), nhwc(tp.grad)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 24, 3), (2, 19, 27, 3)])
+def test_charbonnier(shape):
+    p, t = _loss_inputs(shape)
+    v, g = jax.jit(jax.value_and_grad(losses.charbonnier))(jnp.asarray(p), jnp.asarray(t))
+    tv, tg = _torch_value_and_grad(TL.CharbonnierLoss(1e-3), p, t)
+    assert abs(float(v) - tv) <= 1e-5 * max(1.0, abs(tv))
+    assert rel_diff(g, tg, floor=0.0) <= 1e-5
+    # eps is squared inside the root: at d = 0 the loss is exactly eps
+    assert float(losses.charbonnier(jnp.ones((1, 2, 2, 3)), jnp.ones((1, 2, 2, 3)))) == \
+        pytest.approx(1e-3, rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 24, 3), (2, 19, 27, 3)])
+def test_edge_loss(shape):
+    p, t = _loss_inputs(shape, seed=1)
+    for eps in (1e-3, 0.1):
+        v, g = jax.jit(jax.value_and_grad(losses.edge_loss), static_argnums=2)(
+            jnp.asarray(p), jnp.asarray(t), eps)
+        tv, tg = _torch_value_and_grad(TL.EdgeLoss(eps=eps), p, t)
+        assert abs(float(v) - tv) <= 1e-5 * max(1.0, abs(tv))
+        if eps == 0.1:
+            assert rel_diff(g, tg, floor=0.0) <= 1e-5
+        else:
+            # At eps = 1e-3 the gradient d / sqrt(d^2 + eps^2) amplifies float32 rounding of the
+            # Laplacians by up to 1/eps: torch float32 itself is ~3e-5 away from float64 here.
+            # Compare with the exact (float64) torch value instead.
+            _, tg64 = _torch_value_and_grad(TL.EdgeLoss(eps=eps).double(), p, t, torch.float64)
+            assert rel_diff(g, tg64, floor=0.0) <= 1e-4
+    # the Laplacian of a constant image vanishes away from the replicate-padded border
+    lap = np.asarray(losses.laplacian(jnp.full((1, 16, 16, 3), 0.5)))
+    assert np.abs(lap[:, 4:-4, 4:-4]).max() < 1e-6
+
+
+@pytest.mark.parametrize("recipe", [dict(edge_weight=0.05, clamp=False),
+                                    dict(edge_weight=0.0, clamp=True)])
+def test_mprnet_loss(recipe):
+    rng = np.random.default_rng(2)
+    outs = [rng.standard_normal((2, 16, 16, 3)).astype(np.float32) * 0.5 + 0.5 for _ in range(3)]
+    target = rng.random((2, 16, 16, 3), dtype=np.float32)
+    fn = jax.jit(jax.value_and_grad(lambda o, t: losses.mprnet_loss(o, t, **recipe)))
+    v, g = fn([jnp.asarray(o) for o in outs], jnp.asarray(target))
+    t_outs = [nchw(o).requires_grad_() for o in outs]
+    tv = TL.mprnet_loss(t_outs, nchw(target), **recipe)
+    tv.backward()
+    assert abs(float(v) - tv.item()) <= 1e-5 * max(1.0, abs(tv.item()))
+    for gf, to in zip(g, t_outs):
+        assert rel_diff(gf, nhwc(to.grad), floor=0.0) <= 1e-4
+
+
+# --------------------------------------------------------------------------- training parity
+
+def test_gradients_and_one_adam_step_match_torch():
+    """Deblurring/deraining recipe at reduced width: Adam(2e-4, betas (0.9, 0.999), eps 1e-8) on
+    sum_i Charbonnier(o_i, gt) + 0.05 * sum_i Edge(o_i, gt); same loss, gradients (input and every
+    parameter, the shared PReLU included) and updated weights in both frameworks."""
+    name, lr = "mprnet:deblurring", 2e-4
+    ref = reference_model(name, seed=7, **SMALL)
+    module = porting.torch_to_flax(name, ref.state_dict(), **SMALL)
+    rng = np.random.default_rng(7)
+    x = rng.random((2, 16, 24, 3), dtype=np.float32)
+    gt = np.clip(x + 0.1 * rng.standard_normal(x.shape).astype(np.float32), 0, 1)
+
+    # torch
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    tx = nchw(x).requires_grad_()
+    t_loss = TL.mprnet_loss(ref(tx), nchw(gt))
+    opt = torch.optim.Adam(ref.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    opt.zero_grad()
+    t_loss.backward()
+    t_grads = {k: p.grad.numpy().copy()
+               for k, p in ref.named_parameters(remove_duplicate=False)}
+    opt.step()
+    t_after = {k: v.numpy() for k, v in ref.state_dict().items()}
+    # no parameter is trivially compared (a channel attention whose ReLUs are all dead has
+    # zero gradients; with these widths and seed none is)
+    assert all(np.abs(g).max() > 0 for g in t_grads.values())
+
+    # flax: one jitted value_and_grad with respect to the parameters and the input
+    graphdef, params = nnx.split(module, nnx.Param)
+
+    def loss_fn(p, a, target):
+        return losses.mprnet_loss(nnx.merge(graphdef, p)(a), target)
+
+    (f_loss, (g_params, g_x)) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(
+        params, jnp.asarray(x), jnp.asarray(gt))
+    assert abs(float(f_loss) - t_loss.item()) <= 1e-4 * abs(t_loss.item())
+    assert rel_diff(g_x, nhwc(tx.grad), floor=0.0) <= 1e-4
+    f_grads = convert.state_to_torch_layout(module, g_params)
+    assert set(t_grads) == set(f_grads) == set(before)
+    worst = max((rel_diff(f_grads[k], g, floor=0.0), k) for k, g in t_grads.items())
+    assert worst[0] <= 1e-4, worst
+    # the shared slope's gradient is the sum over its 55 uses, and every alias reports it
+    assert f_grads["stage3_orsnet.orb3.body.0.body.1.weight"] == pytest.approx(
+        t_grads["shallow_feat1.1.body.1.weight"], rel=1e-4)
+
+    tx_opt = optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
+    updates, _ = tx_opt.update(g_params, tx_opt.init(params), params)
+    nnx.update(module, optax.apply_updates(params, updates))
+    f_after = porting.flax_to_numpy(module)
+    worst_w = max((rel_diff(f_after[k], w), k) for k, w in t_after.items())
+    assert worst_w[0] <= 1e-4, worst_w
+    # and the step really moved the weights (by about lr each)
+    moved = max(np.abs(t_after[k] - before[k].numpy()).max() for k in t_after)
+    assert moved == pytest.approx(lr, rel=0.01)
