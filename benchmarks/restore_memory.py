@@ -37,7 +37,7 @@ def _child_tiled(name: str, size: int, tile: int, overlap: int, batch: int) -> d
     module = models.create(name, rngs=nnx.Rngs(0))
     x = np.random.default_rng(0).random((size, size, 3), dtype=np.float32)
     start = time.time()
-    out = Restorer(module, tile=tile, tile_overlap=overlap, batch=batch)(x)
+    out = Restorer(module, tile=tile or None, tile_overlap=overlap, batch=batch)(x)  # 0: untiled
     seconds = time.time() - start
     assert out.shape == x.shape and np.isfinite(out).all()
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
@@ -83,7 +83,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     p.add_argument("--size", type=int, default=2048)
-    p.add_argument("--tile", type=int, default=256)
+    p.add_argument("--tile", type=int, default=256,
+                   help="tile size; 0 runs untiled (careful: see --untiled for the estimate first)")
     p.add_argument("--overlap", type=int, default=32)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--limit-gib", type=float, default=8.0)
