@@ -115,6 +115,8 @@ def compare(name: str, torch_module=None, flax_module=None, *, batch: int = 2,
         t0 = time.perf_counter()
         flax_module = convert.torch_to_flax(name, torch_module.state_dict(), **overrides)
         seconds["convert"] = time.perf_counter() - t0
+    # the same mode on both sides (only AECR-Net's FastDeconv depends on it)
+    flax_module.train() if torch_module.training else flax_module.eval()
     if inputs is None:
         h0, w0 = default_size(name)
         rng = np.random.default_rng(seed)
