@@ -16,6 +16,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # nnx.Sequential is used as-is; the converter treats its `layers` list as torch's child indices.
@@ -34,7 +35,13 @@ def torch_uniform(fan_in: int):
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
 
     def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
+        if isinstance(key, jax.core.Tracer):  # under jit / eval_shape
+            return jax.random.uniform(key, shape, dtype, -bound, bound)
+        # Eagerly, every new shape would compile its own XLA program; numpy seeded by the key
+        # draws the same kind of numbers without compiling (deterministic given the key).
+        seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+        values = np.random.default_rng(seed).uniform(-bound, bound, shape)
+        return jnp.asarray(values, dtype=dtype)
 
     return init
 
