@@ -81,21 +81,27 @@ def cmd_verify(args) -> int:
 
     torch_module = None
     flax_module = None
+    overrides = {}
     if args.checkpoint:
         _step(f"reading {args.checkpoint}")
         if os.path.isdir(args.checkpoint) or args.checkpoint.endswith(".safetensors"):
             flax_module = _load_flax(args.name, args.checkpoint)
             state = porting.flax_to_torch(flax_module)
+            if os.path.isdir(args.checkpoint):  # a trained reduced-width model, say
+                from flaxrestore import checkpoints
+
+                overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in
+                             checkpoints.read_meta(args.checkpoint).get("overrides", {}).items()}
         else:
             state = porting.load_state_dict_file(args.checkpoint, key=args.key)
-        torch_module = reference.build(args.name)
+        torch_module = reference.build(args.name, **overrides)
         torch_module.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
         torch_module.eval()
     _step(f"running torch reference and Flax port of {args.name} "
           f"(batch {args.batch}{', with gradients' if args.grads else ''})")
     report = verify.compare(args.name, torch_module, flax_module, batch=args.batch,
                             height=args.height, width=args.width, seed=args.seed,
-                            grads=args.grads)
+                            grads=args.grads, **overrides)
     print(report.format())
     worst = report.worst()
     ok = worst <= args.tol
