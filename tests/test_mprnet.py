@@ -443,6 +443,11 @@ def test_gradients_and_one_adam_step_match_torch():
     f_after = porting.flax_to_numpy(module)
     worst_w = max((rel_diff(f_after[k], w), k) for k, w in t_after.items())
     assert worst_w[0] <= 1e-4, worst_w
+    # the updates themselves, about lr * g / (|g| + eps) on a first Adam step, agree too: a sign
+    # flip would differ by 2 lr; the worst element (a tiny gradient) differs by ~1% of lr
+    worst_u = max((np.abs((f_after[k] - before[k].numpy()) - (w - before[k].numpy())).max() / lr, k)
+                  for k, w in t_after.items())
+    assert worst_u[0] <= 5e-2, worst_u
     # and the step really moved the weights (by about lr each)
     moved = max(np.abs(t_after[k] - before[k].numpy()).max() for k in t_after)
     assert moved == pytest.approx(lr, rel=0.01)
