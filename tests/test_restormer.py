@@ -119,6 +119,7 @@ def test_gradients_reduced_width(name):
     assert report.worst() <= 1e-4, report.format()
 
 
+@pytest.mark.slow  # ~2 CPU-minutes; the reduced-width tests above cover every parameter type
 def test_gradients_full_width():
     name = "restormer:real_denoising"
     torch.manual_seed(2)
