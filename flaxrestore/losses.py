@@ -259,8 +259,10 @@ def darkir_side_loss(out_side: jax.Array, target: jax.Array, vgg: "_vgg.VGG19", 
         raise ValueError(f"side output {out_side.shape} upsampled x{scale} is {s.shape}, target "
                          f"is {target.shape}: train DarkIR on crops whose sides are multiples of "
                          f"{scale}")
-    return (l1_weight * l1(s, target)
-            + perceptual_weight * perceptual(s, target, vgg, reduction="mean"))
+    loss = l1_weight * l1(s, target)
+    if perceptual_weight:
+        loss = loss + perceptual_weight * perceptual(s, target, vgg, reduction="mean")
+    return loss
 
 
 def darkir_loss(out_side: jax.Array, out: jax.Array, target: jax.Array, vgg: "_vgg.VGG19", *,

@@ -136,3 +136,47 @@ def snr_loss(pred, target, vgg=None, vgg_weight=0.0):
 
 
 # ------------------------------------------------------------------------------------- DarkIR
+
+class DarkIREdgeLoss(EdgeLoss):
+    """DarkIR's EdgeLoss: the same one-level Laplacian as MPRNet's, compared with an MSE."""
+
+    def __init__(self, channels=3):
+        super().__init__(channels)
+        self.loss = nn.MSELoss()
+
+
+class FrequencyLoss(nn.Module):
+    """DarkIR's FrequencyLoss: MSE between |rfft2| (norm 'backward') amplitudes."""
+
+    def forward(self, x, y):
+        ax = torch.fft.rfft2(x, norm="backward").abs()
+        ay = torch.fft.rfft2(y, norm="backward").abs()
+        return nn.functional.mse_loss(ax, ay)
+
+
+class EnhanceLoss(nn.Module):
+    """DarkIR's side-output loss: the side output is upsampled (nearest, x8) to the ground
+    truth's size; 0.8 * L1 + 0.01 * VGG perceptual (mean-reduced L1, GT features detached)."""
+
+    def __init__(self, vgg=None, scale=8, l1_weight=0.8, perceptual_weight=0.01):
+        super().__init__()
+        self.vgg_loss = VGGPerceptualLoss(vgg, reduction="mean")
+        self.scale, self.l1_weight, self.perceptual_weight = scale, l1_weight, perceptual_weight
+
+    def forward(self, out_side, target):
+        up = nn.functional.interpolate(out_side, scale_factor=self.scale, mode="nearest")
+        return (self.perceptual_weight * self.vgg_loss(up, target)
+                + self.l1_weight * nn.functional.l1_loss(up, target))
+
+
+def darkir_loss(out_side, out, target, vgg=None, perceptual_weight=0.01, edge_weight=50.0,
+                side_weight=0.8, side_perceptual_weight=0.01, frequency_weight=0.0, scale=8):
+    """DarkIR (LOLBlur recipe): L1 + 0.01 VGG + 50 edge-MSE + EnhanceLoss(side) [+ frequency]."""
+    loss = nn.functional.l1_loss(out, target)
+    if perceptual_weight:
+        loss = loss + perceptual_weight * VGGPerceptualLoss(vgg, reduction="mean")(out, target)
+    if edge_weight:
+        loss = loss + edge_weight * DarkIREdgeLoss(target.shape[1])(out, target)
+    if frequency_weight:
+        loss = loss + frequency_weight * FrequencyLoss()(out, target)
+    return loss + EnhanceLoss(vgg, scale, side_weight, side_perceptual_weight)(out_side, target)
