@@ -15,12 +15,10 @@ from porting import checkpoint, convert, reference
 from porting.reference import darkir as TD
 
 VARIANTS = ["darkir:m", "darkir:l"]
-# Reduced configurations with every kind of block (EBlock, DBlock with dilations 1/4/9, downs,
-# ups, skips, side_out), for gradients and training steps. Compile time grows with the number of
-# blocks, not their width, so the levels are reduced too: two levels, padding to a multiple of 4,
-# side output at 1/4.
-SMALL = dict(width=8, enc_blk_nums=(1, 1), dec_blk_nums=(1, 1), middle_blk_num_enc=1,
-             middle_blk_num_dec=1)
+# A reduced configuration with every kind of block (EBlock, DBlock with dilations 1/4/9, down,
+# up, skip, side_out) for the gradient / training-step checks. Their compile time grows with the
+# number of blocks, not their width, so it has one level (pads to a multiple of 2, side output at
+# 1/2); the released depths are checked by the (slow) full-width gradient tests.
 TINY = dict(width=4, enc_blk_nums=(1,), dec_blk_nums=(1,), middle_blk_num_enc=1,
             middle_blk_num_dec=1)
 # From the spec (counted on the official classes): state_dict entries, parameters, side_out params.
@@ -176,6 +174,32 @@ def test_block_gradients_under_jit(block):
         assert _grad_rel(fg[k], p.grad.numpy()) <= 1e-4, k
 
 
+@pytest.mark.parametrize("cin,cout,groups,pad,dil", [(12, 24, 4, 2, 2), (8, 8, 4, 0, 1),
+                                                     (6, 12, 3, 3, 1)])
+def test_grouped_conv_shifted_configs(cin, cout, groups, pad, dil):
+    """The shifted grouped conv and its hand-written backward for other group shapes, paddings
+    and dilations than DBlock's, against torch's grouped conv."""
+    torch.manual_seed(10)
+    t = torch.nn.Conv2d(cin, cout, 3, padding=pad, dilation=dil, groups=groups, bias=False)
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, 9, 8, cin)).astype(np.float32)
+    xt = _nchw(x).requires_grad_(True)
+    yt = t(xt)
+    w = rng.standard_normal(_nhwc(yt).shape).astype(np.float32)
+    (yt * _nchw(w)).sum().backward()
+    kernel = jnp.asarray(t.weight.detach().numpy().transpose(2, 3, 1, 0))
+
+    @jax.jit
+    def fwd_grad(k, x):
+        f = lambda k, x: D.grouped_conv_shifted(x, k, groups, (pad, pad), (dil, dil))  # noqa: E731
+        return f(k, x), jax.grad(lambda k, x: jnp.sum(f(k, x) * w), argnums=(0, 1))(k, x)
+
+    y, (gk, gx) = fwd_grad(kernel, jnp.asarray(x))
+    assert np.abs(np.asarray(y) - _nhwc(yt)).max() <= 1e-5
+    assert _grad_rel(gx, _nhwc(xt.grad)) <= 1e-5
+    assert _grad_rel(gk, t.weight.grad.numpy().transpose(2, 3, 1, 0)) <= 1e-5
+
+
 def test_fremlp_zero_spectrum_bins():
     """Bins with |z| = 0 (a zero channel, a constant channel): torch's angle(0) = 0; the port must
     give the same forward and finite, equal gradients (jnp.angle's gradient there is NaN)."""
@@ -232,6 +256,36 @@ def test_variant_forward_odd_size(name):
     assert _rel(side_f, _nhwc(side_t)) <= 1e-4
     # the blocks were really active: the output is far from the input
     assert np.abs(_nhwc(out_t) - x).mean() > 0.1
+
+
+@pytest.mark.slow  # several CPU-minutes to compile; test_training_step_parity covers every block
+@pytest.mark.parametrize("name", VARIANTS)
+def test_gradients_full_width(name):
+    """Released widths, odd size (padded inside): d loss / d input and every parameter, with the
+    side output and the restored image both in the loss."""
+    torch.manual_seed(4)
+    ref = _perturb(reference.build(name), seed=4)
+    module = porting.torch_to_flax(name, ref.state_dict())
+    rng = np.random.default_rng(4)
+    x = rng.random((1, 13, 21, 3), dtype=np.float32)
+    w_out = rng.standard_normal((1, 13, 21, 3)).astype(np.float32)
+    w_side = rng.standard_normal((1, 2, 3, 3)).astype(np.float32)
+
+    xt = _nchw(x).requires_grad_(True)
+    side_t, out_t = ref(xt, side_loss=True)
+    ((out_t * _nchw(w_out)).mean() + (side_t * _nchw(w_side)).mean()).backward()
+
+    def loss(m, x):
+        side, out = m(x, side_loss=True)
+        return jnp.mean(out * w_out) + jnp.mean(side * w_side)
+
+    gm, gx = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(module, jnp.asarray(x))
+    assert _grad_rel(gx, _nhwc(xt.grad)) <= 1e-4
+    fg = convert.state_to_torch_layout(module, gm)
+    worst = {k: _grad_rel(fg[k], p.grad.numpy()) for k, p in ref.named_parameters()}
+    assert len(worst) == 343
+    bad = {k: v for k, v in worst.items() if v > 1e-4}
+    assert not bad, bad
 
 
 def test_padding_is_zeros_bottom_right():
@@ -382,15 +436,15 @@ def test_training_step_parity():
     from porting.reference import losses as TL
 
     torch.manual_seed(8)
-    ref = _perturb(reference.build("darkir:m", **SMALL), seed=8)
-    module = porting.torch_to_flax("darkir:m", ref.state_dict(), **SMALL)
+    ref = _perturb(reference.build("darkir:m", **TINY), seed=8)
+    module = porting.torch_to_flax("darkir:m", ref.state_dict(), **TINY)
     vgg_t, vgg_f = _vgg_pair(9)
     rng = np.random.default_rng(8)
     # crops fit the side loss (their sides multiples of 2 ** levels), as in the recipe (256x256),
     # so nothing is padded here; the padding is checked by the forward tests
-    lq = rng.random((2, 36, 36, 3), dtype=np.float32) * 0.3
-    gt = rng.random((2, 36, 36, 3), dtype=np.float32)
-    scale = 4  # 2 ** number of encoder levels of SMALL (8 for the released configs)
+    lq = rng.random((2, 34, 34, 3), dtype=np.float32) * 0.3
+    gt = rng.random((2, 34, 34, 3), dtype=np.float32)
+    scale = 2  # 2 ** number of encoder levels of TINY (8 for the released configs)
     hp = dict(lr=5e-4, betas=(0.9, 0.9), weight_decay=1e-3, eps=1e-8)
 
     before = {k: v.detach().clone().numpy() for k, v in ref.state_dict().items()}
@@ -421,7 +475,7 @@ def test_training_step_parity():
     assert abs(float(loss_f) - loss_t.item()) <= 1e-4 * abs(loss_t.item())
     assert _grad_rel(grad_lq, _nhwc(lq_t.grad)) <= 1e-4
     grads_f = convert.state_to_torch_layout(module, grads_f)
-    assert len(grads_t) == len(before) == 144
+    assert len(grads_t) == len(before) == 97
     bad = {k: r for k, g in grads_t.items() if (r := _grad_rel(grads_f[k], g)) > 1e-4}
     assert not bad, bad
     new_f = convert.flax_to_numpy(module)
