@@ -20,6 +20,7 @@ class DataConfig:
     sigma: float = 0.1
     num_images: int = 4
     image_size: int = 24
+    nan_at: int = -1  # this batch position gets a NaN in its input (to test the non-finite stop)
 
 
 def _image(seed: int, size: int, channels: int) -> np.ndarray:
@@ -55,7 +56,10 @@ class _Iterator:
             lq = gt + cfg.sigma * rng.standard_normal(gt.shape).astype(np.float32)
             gts.append(gt)
             lqs.append(lq.astype(np.float32))
-        return {"lq": np.stack(lqs), "gt": np.stack(gts)}
+        lq = np.stack(lqs)
+        if self.position - 1 == cfg.nan_at:
+            lq[0, 0, 0, 0] = np.nan
+        return {"lq": lq, "gt": np.stack(gts)}
 
     def get_state(self):
         return {"position": self.position}

@@ -53,6 +53,11 @@ def _compilation_cache(workdir: str) -> None:
     set), so a resumed run or an evaluation does not compile them again."""
     import jax
 
+    if jax.default_backend() == "cpu" and jax.device_count() > 1:
+        # jax 0.10: a multi-device CPU program loaded from the cache deadlocked in its first
+        # collective (measured with simulated devices); compile those afresh
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         jax.config.update("jax_compilation_cache_dir",
                           os.path.join(os.path.abspath(workdir), "xla_cache"))

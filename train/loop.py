@@ -338,7 +338,7 @@ class Evaluator:
                     stacked = np.concatenate([prepared[i][j] for i in full], axis=0)
                     arrays.append(jax.make_array_from_callback(stacked.shape, sharding,
                                                                lambda ix, a=stacked: a[ix]))
-                out = np.asarray(jax.device_get(self.fn(params, model_state, *arrays)))
+                out = np.asarray(jax.device_get(self.fn(params, model_state, tuple(arrays))))
                 for k, i in enumerate(chunk):
                     h, w = self.val_set[i]["lq"].shape[:2]
                     y = out[k, :h, :w]
@@ -387,16 +387,20 @@ def checkpoint_manager(workdir: str, recipe: Recipe, *, read_only: bool = False)
                                  item_names=ITEMS, options=options)
 
 
-def _abstract_with_sharding(tree, sharding):
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree)
-
-
 def restore_checkpoint(mngr: ocp.CheckpointManager, step: int, abstract_state, mesh):
-    target = _abstract_with_sharding(abstract_state, step_lib.replicated(mesh))
+    """(state replicated on ``mesh``, data-iterator state, meta) of checkpoint ``step``."""
+    target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_state)
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(),
         meta=ocp.args.JsonRestore()))
-    return restored["state"], restored["data"], restored["meta"]
+    return step_lib.replicate(mesh, restored["state"]), restored["data"], restored["meta"]
+
+
+def host_state(state):
+    """The replicated train state as host numpy arrays, what the checkpoints store. (Saving the
+    device arrays themselves made orbax slice every replica eagerly: ~10 s per save with 8
+    simulated devices, most of it compiling slices.)"""
+    return jax.tree.map(np.asarray, jax.device_get(state))
 
 
 def export_weights(path: str, recipe: Recipe, model: step_lib.ModelDef, params, model_state) -> str:
@@ -520,7 +524,7 @@ def train(recipe: Recipe, workdir: str, *, devices=None, max_steps: int | None =
         data_state = _jsonable(it.get_state())
         meta_now = dict(meta, step=int(t), recipe=recipe.name, time=time.time())
         mngr.save(int(t), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(s), data=ocp.args.JsonSave(data_state),
+            state=ocp.args.StandardSave(host_state(s)), data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta_now)), metrics=metrics, force=True)
 
     def run_eval(s, t):
@@ -553,6 +557,10 @@ def train(recipe: Recipe, workdir: str, *, devices=None, max_steps: int | None =
             log("validation of the degraded inputs: " +
                 ", ".join(f"{k} {v:.4f}" for k, v in base.items()))
 
+    # XLA:CPU runs simulated devices' collectives on one shared thread pool: two multi-device
+    # programs in flight can each hold threads the other needs (a 40 s rendezvous timeout).
+    # There, wait for each step; on GPU/TPU the next step is queued while one runs.
+    serial = jax.default_backend() == "cpu" and mesh.size > 1
     t = start
     pending = None  # (step, metrics) of the previous step, read after the next is dispatched
     window_t0, window_steps = time.time(), 0
@@ -562,6 +570,8 @@ def train(recipe: Recipe, workdir: str, *, devices=None, max_steps: int | None =
             item = next(it)
             batch = step_lib.global_batch(mesh, _host_batch(recipe, item, t + 1))
             state, metrics = train_step(state, batch, frozen)
+            if serial:
+                jax.block_until_ready(metrics)
             t += 1
             window_steps += 1
             if pending is not None:

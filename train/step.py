@@ -101,15 +101,32 @@ class ModelDef:
 
 
 def build_model(recipe: Recipe, seed: int | None = None) -> ModelDef:
+    """The model's graphdefs and freshly initialised weights (torch-style init, seeded).
+
+    The initialisation runs as one jitted program with the classic (non-partitionable) threefry,
+    compiled without LLVM optimisation: eagerly, every parameter shape compiles its own
+    random-number program, which on this 2-core CPU cost ~3 s per shape (a width-12 Restormer
+    took ~28 s of CPU to build; this way ~5 s). The values depend only on the seed.
+    """
     overrides = dict(recipe.model_overrides)
-    module = models.create(recipe.model, rngs=nnx.Rngs(recipe.seed if seed is None else seed),
-                           **overrides)
-    module.train()
-    train_graph, params, rest = nnx.split(module, nnx.Param, ...)
-    module.eval()
-    eval_graph, _, _ = nnx.split(module, nnx.Param, ...)
-    return ModelDef(recipe.model, overrides, train_graph, eval_graph, nnx.to_pure_dict(params),
-                    nnx.to_pure_dict(rest), type(module))
+    seed = recipe.seed if seed is None else seed
+    abstract = models.create_abstract(recipe.model, **overrides)
+    abstract.train()
+    train_graph, _, _ = nnx.split(abstract, nnx.Param, ...)
+    abstract.eval()
+    eval_graph, _, _ = nnx.split(abstract, nnx.Param, ...)
+
+    def init():
+        module = models.create(recipe.model, rngs=nnx.Rngs(seed), **overrides)
+        _, params, rest = nnx.split(module, nnx.Param, ...)
+        return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+    with jax.threefry_partitionable(False):
+        compiled = jax.jit(init).lower().compile(
+            compiler_options={"xla_backend_optimization_level": 0})
+        params, rest = compiled()
+    return ModelDef(recipe.model, overrides, train_graph, eval_graph, params, rest,
+                    type(abstract))
 
 
 def split_module(module: nnx.Module) -> tuple[dict, dict]:
@@ -309,14 +326,19 @@ def progressive_crop(batch: Mapping[str, np.ndarray], batch_size: int, patch: in
 
 
 def init_state(model: ModelDef, tx: optax.GradientTransformation, ema: bool) -> dict:
-    params = model.params
-    return {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "model_state": model.model_state,
-        "opt_state": tx.init(params),
-        "ema": jax.tree.map(jnp.copy, params) if ema else {},
-    }
+    """The step-0 train state (one jitted program: eagerly, every optimizer-state leaf would
+    compile its own zeros_like)."""
+
+    def make(params, model_state):
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "model_state": model_state,
+            "opt_state": tx.init(params),
+            "ema": jax.tree.map(jnp.copy, params) if ema else {},
+        }
+
+    return jax.jit(make)(model.params, model.model_state)
 
 
 def abstract_state(model: ModelDef, tx, ema: bool) -> dict:
@@ -380,18 +402,19 @@ def make_train_step(recipe: Recipe, model: ModelDef, tx: optax.GradientTransform
 
 
 def make_eval_fn(recipe: Recipe, model: ModelDef, mesh) -> Callable:
-    """``fn(params, model_state, *inputs) -> restored`` (the main output, float32), jitted."""
+    """``fn(params, model_state, inputs) -> restored`` (the main output, float32), jitted; the
+    ``inputs`` tuple (image, then any extra maps) is sharded on 'data', the result replicated."""
     compute = jnp.dtype(recipe.dtype)
     from flaxrestore import restore as frestore
 
     family = models.entry(recipe.model).family
     select = frestore.protocol_for(family=family).select
 
-    def fn(params, model_state, *inputs):
+    def fn(params, model_state, inputs):
         p = _cast_floating(params, compute) if compute != jnp.float32 else params
         module = model.module(p, model_state, train=False)
         out = select(module(*[x.astype(compute) for x in inputs]))
         return out.astype(jnp.float32)
 
     rep = replicated(mesh)
-    return jax.jit(fn, in_shardings=rep, out_shardings=rep)
+    return jax.jit(fn, in_shardings=(rep, rep, batch_sharding(mesh)), out_shardings=rep)
