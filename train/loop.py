@@ -410,6 +410,10 @@ def export_weights(path: str, recipe: Recipe, model: step_lib.ModelDef, params, 
     module = model.module(jax.device_get(params), jax.device_get(model_state), train=False)
     if is_main_process() and os.path.exists(path):
         shutil.rmtree(path)
+    if jax.process_count() > 1:  # every host writes its part after the old copy is gone
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"export {path}")
     return fcheckpoints.save_model(path, recipe.model, module, dict(recipe.model_overrides))
 
 

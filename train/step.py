@@ -163,45 +163,41 @@ def run_forward(module: nnx.Module, lq: jax.Array, mode: str, train: bool) -> Ou
     return Outputs(out, (out,))
 
 
-def _charbonnier(pred, target, eps: float = 1e-3, reduction: str = "mean"):
-    from flaxrestore.losses import charbonnier
-    return charbonnier(pred, target, eps=eps, reduction=reduction)
-
-
-def _nearest_up(x, factor: int):
-    return jnp.repeat(jnp.repeat(x, factor, axis=1), factor, axis=2)
-
-
 LossFn = Callable[..., jax.Array]
+
+# kind -> (fn(pred, gt, lq, vgg, **options), needs the VGG19); all from flaxrestore.losses
+LOSS_KINDS: dict[str, tuple[LossFn, bool]] = {
+    "l1": (lambda p, g, lq, vgg: flosses.l1(p, g), False),
+    "mse": (lambda p, g, lq, vgg: jnp.mean(jnp.square(p - g)), False),
+    # MPRNet: mean of sqrt(d^2 + eps^2), eps 1e-3
+    "charbonnier": (lambda p, g, lq, vgg, **kw: flosses.charbonnier(p, g, **kw), False),
+    # SNR-Aware: sum of sqrt(d^2 + 1e-6)
+    "charbonnier_sum": (lambda p, g, lq, vgg, **kw: flosses.charbonnier_sum(p, g, **kw), False),
+    # MPRNet: Charbonnier between one-level Laplacian-pyramid residuals
+    "edge": (lambda p, g, lq, vgg, **kw: flosses.edge_loss(p, g, **kw), False),
+    # DarkIR: MSE between the same Laplacian residuals
+    "laplacian_mse": (lambda p, g, lq, vgg: flosses.darkir_edge_loss(p, g), False),
+    # DarkIR (off in its LOLBlur recipe): MSE of |rfft2| amplitudes
+    "frequency": (lambda p, g, lq, vgg: flosses.frequency_amplitude_loss(p, g), False),
+    # VGG19 relu1_1..relu5_1 L1s (SNR-Aware reduction 'sum', DarkIR 'mean')
+    "perceptual": (lambda p, g, lq, vgg, **kw: flosses.perceptual(p, g, vgg, **kw), True),
+    # AECR-Net: the negative is the hazy input itself
+    "contrastive": (lambda p, g, lq, vgg, **kw: flosses.contrastive_regularization(
+        p, g, lq, vgg, **kw), True),
+}
 
 
 def _term_fn(term: LossTerm) -> LossFn:
-    """``fn(pred, gt, lq, vgg) -> scalar`` for one term kind (before weighting)."""
-    opts = dict(term.options)
-    kind = term.kind
-    if kind == "l1":
-        return lambda p, g, lq, vgg: flosses.l1(p, g)
-    if kind == "mse":
-        return lambda p, g, lq, vgg: jnp.mean(jnp.square(p - g))
-    if kind == "charbonnier":
-        return lambda p, g, lq, vgg: flosses.charbonnier(p, g, **opts)
-    if kind == "edge":  # MPRNet: Charbonnier between Laplacian-pyramid residuals
-        return lambda p, g, lq, vgg: flosses.edge_loss(p, g, **opts)
-    if kind == "laplacian_mse":  # DarkIR: MSE between Laplacian-pyramid residuals
-        return lambda p, g, lq, vgg: flosses.laplacian_mse(p, g, **opts)
-    if kind == "perceptual":  # VGG19 relu1_1..relu5_1, SNR-Aware / DarkIR
-        return lambda p, g, lq, vgg: flosses.perceptual(p, g, vgg, **opts)
-    if kind == "contrastive":  # AECR-Net: negative = the hazy input
-        return lambda p, g, lq, vgg: flosses.contrastive_regularization(p, g, lq, vgg, **opts)
-    raise ValueError(f"unknown loss kind {kind!r}; known: {', '.join(LOSS_KINDS)}")
-
-
-LOSS_KINDS = ("l1", "mse", "charbonnier", "edge", "laplacian_mse", "perceptual", "contrastive")
-VGG_KINDS = ("perceptual", "contrastive")
+    """``fn(pred, gt, lq, vgg) -> scalar`` for one term (before its weight)."""
+    if term.kind not in LOSS_KINDS:
+        raise ValueError(f"unknown loss kind {term.kind!r}; known: {', '.join(LOSS_KINDS)}")
+    fn, _ = LOSS_KINDS[term.kind]
+    opts = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(term.options).items()}
+    return lambda p, g, lq, vgg: fn(p, g, lq, vgg, **opts)
 
 
 def needs_vgg(recipe: Recipe) -> bool:
-    return any(t.kind in VGG_KINDS and t.weight for t in recipe.losses)
+    return any(t.weight and LOSS_KINDS.get(t.kind, (None, False))[1] for t in recipe.losses)
 
 
 def make_loss(recipe: Recipe) -> Callable[[Outputs, jax.Array, jax.Array, Any],
@@ -221,7 +217,7 @@ def make_loss(recipe: Recipe) -> Callable[[Outputs, jax.Array, jax.Array, Any],
                 if outs.side is None:
                     raise ValueError(f"loss term {t.kind} wants the side output; set forward='side'")
                 factor = gt.shape[1] // outs.side.shape[1]
-                preds = [_nearest_up(outs.side, factor)[:, :gt.shape[1], :gt.shape[2]]]
+                preds = [flosses.upsample_nearest(outs.side, factor)]
             else:
                 raise ValueError(f"unknown outputs {t.outputs!r} (main, all, side)")
             value = jnp.zeros((), jnp.float32)
