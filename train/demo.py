@@ -110,8 +110,7 @@ def main(argv=None) -> int:
     rising = len(psnrs) >= 2 and psnrs[-1] > psnrs[0] and (base is None or psnrs[-1] > base)
     print(f"   {'rising' if rising else 'NOT rising'}; trained in {minutes:.1f} min")
 
-    model = loop.step_lib.build_model(recipe)
-    paths = _save_images(workdir, recipe, model, result.state)
+    paths = _save_images(workdir, recipe, result.model, result.state)
     print(f"\n== before | after | ground truth images: {', '.join(paths)}")
 
     ok = rising

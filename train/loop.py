@@ -427,6 +427,7 @@ class RunResult:
     state: Any
     evals: list[tuple[int, dict]]
     workdir: str
+    model: step_lib.ModelDef | None = None
 
 
 def _setup(recipe: Recipe, devices=None):
@@ -627,7 +628,7 @@ def train(recipe: Recipe, workdir: str, *, devices=None, max_steps: int | None =
                     log(f"exported the best weights (step {best_step}, {recipe.best_metric} "
                         f"{meta['best_value']:.4f}) to {best}")
     mngr.close()
-    return RunResult(t, state, evals, workdir)
+    return RunResult(t, state, evals, workdir, model)
 
 
 def _check_finite(pending, last_good, workdir) -> None:

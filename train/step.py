@@ -101,32 +101,17 @@ class ModelDef:
 
 
 def build_model(recipe: Recipe, seed: int | None = None) -> ModelDef:
-    """The model's graphdefs and freshly initialised weights (torch-style init, seeded).
-
-    The initialisation runs as one jitted program with the classic (non-partitionable) threefry,
-    compiled without LLVM optimisation: eagerly, every parameter shape compiles its own
-    random-number program, which on this 2-core CPU cost ~3 s per shape (a width-12 Restormer
-    took ~28 s of CPU to build; this way ~5 s). The values depend only on the seed.
-    """
+    """The model's graphdefs (train and eval mode) and freshly initialised weights (torch-style
+    init, seeded; the values depend only on the seed)."""
     overrides = dict(recipe.model_overrides)
     seed = recipe.seed if seed is None else seed
-    abstract = models.create_abstract(recipe.model, **overrides)
-    abstract.train()
-    train_graph, _, _ = nnx.split(abstract, nnx.Param, ...)
-    abstract.eval()
-    eval_graph, _, _ = nnx.split(abstract, nnx.Param, ...)
-
-    def init():
-        module = models.create(recipe.model, rngs=nnx.Rngs(seed), **overrides)
-        _, params, rest = nnx.split(module, nnx.Param, ...)
-        return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-
-    with jax.threefry_partitionable(False):
-        compiled = jax.jit(init).lower().compile(
-            compiler_options={"xla_backend_optimization_level": 0})
-        params, rest = compiled()
-    return ModelDef(recipe.model, overrides, train_graph, eval_graph, params, rest,
-                    type(abstract))
+    module = models.create(recipe.model, rngs=nnx.Rngs(seed), **overrides)
+    module.train()
+    train_graph, params, rest = nnx.split(module, nnx.Param, ...)
+    module.eval()
+    eval_graph, _, _ = nnx.split(module, nnx.Param, ...)
+    return ModelDef(recipe.model, overrides, train_graph, eval_graph, nnx.to_pure_dict(params),
+                    nnx.to_pure_dict(rest), type(module))
 
 
 def split_module(module: nnx.Module) -> tuple[dict, dict]:
