@@ -16,6 +16,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m porting demo
+	$(PY) -m train.demo --workdir demo_out/train
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -q -m "not slow"

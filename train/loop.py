@@ -29,6 +29,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -273,17 +274,32 @@ def _from_jsonable(obj):
     return obj
 
 
-def load_val_set(recipe: Recipe) -> list[dict]:
+class _Limited(Sequence):
+    """The first ``n`` items of a lazily loaded validation set (all when n is 0)."""
+
+    def __init__(self, items, n: int):
+        self.items, self.n = items, (min(n, len(items)) if n else len(items))
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        item = self.items[i % self.n]
+        return {"lq": np.asarray(item["lq"], np.float32), "gt": np.asarray(item["gt"], np.float32),
+                "name": str(item.get("name", i))}
+
+
+def load_val_set(recipe: Recipe) -> Sequence:
+    """The validation pairs (loaded lazily, one at a time, as the evaluation reaches them)."""
     if recipe.val_data is None:
         return []
     mod = data_module(recipe)
-    items = []
-    for i, item in enumerate(mod.make_val_dataset(data_config(recipe, recipe.val_data))):
-        if recipe.eval_max_images and i >= recipe.eval_max_images:
-            break
-        items.append({"lq": np.asarray(item["lq"], np.float32), "gt": np.asarray(item["gt"], np.float32),
-                      "name": str(item.get("name", i))})
-    return items
+    return _Limited(mod.make_val_dataset(data_config(recipe, recipe.val_data)),
+                    recipe.eval_max_images)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,11 +310,12 @@ class Evaluator:
     """Validation PSNR / SSIM of whole images with the family's test-time protocol.
 
     Images are padded (bottom/right) to the model's multiple as the official test scripts do,
-    grouped by shape into batches of one image per device, run sharded over the mesh, cropped
-    back and (``eval_clamp``) clamped to [0, 1].
+    batched by padded shape with one image per device, run sharded over the mesh, cropped back
+    and (``eval_clamp``) clamped to [0, 1]. The set is streamed: at most one batch per distinct
+    shape is held in memory.
     """
 
-    def __init__(self, recipe: Recipe, model: step_lib.ModelDef, mesh, val_set: list[dict]):
+    def __init__(self, recipe: Recipe, model: step_lib.ModelDef, mesh, val_set: Sequence):
         from flaxrestore import metrics, restore as frestore
 
         self.recipe, self.mesh, self.val_set = recipe, mesh, val_set
@@ -317,50 +334,66 @@ class Evaluator:
         mode = flayers._PAD_MODES[self.protocol.pad_mode]
         return np.pad(a, ((0, 0), (0, ph), (0, pw), (0, 0)), mode=mode)
 
-    def restore_all(self, params, model_state) -> list[np.ndarray]:
-        """The restored image of every validation item (host numpy, HWC)."""
-        prepared = []
-        for item in self.val_set:
-            x = item["lq"][None]
-            extras = list(self.protocol.extra_inputs(x)) if self.protocol.extra_inputs else []
-            prepared.append([self._pad(a) for a in [x, *extras]])
-        groups: dict[tuple, list[int]] = {}
-        for i, inputs in enumerate(prepared):
-            groups.setdefault(tuple(a.shape for a in inputs), []).append(i)
-        results: list[np.ndarray | None] = [None] * len(prepared)
+    def _run(self, params, model_state, group: list) -> list[np.ndarray]:
+        """Restores up to ``n`` prepared items of one padded shape (one per device)."""
         sharding = step_lib.batch_sharding(self.mesh)
-        for idx in groups.values():
-            for s in range(0, len(idx), self.n):
-                chunk = idx[s:s + self.n]
-                full = chunk + [chunk[-1]] * (self.n - len(chunk))  # one image per device
-                arrays = []
-                for j in range(len(prepared[chunk[0]])):
-                    stacked = np.concatenate([prepared[i][j] for i in full], axis=0)
-                    arrays.append(jax.make_array_from_callback(stacked.shape, sharding,
-                                                               lambda ix, a=stacked: a[ix]))
-                out = np.asarray(jax.device_get(self.fn(params, model_state, tuple(arrays))))
-                for k, i in enumerate(chunk):
-                    h, w = self.val_set[i]["lq"].shape[:2]
-                    y = out[k, :h, :w]
-                    results[i] = np.clip(y, 0.0, 1.0) if self.recipe.eval_clamp else y
+        full = group + [group[-1]] * (self.n - len(group))
+        arrays = []
+        for j in range(len(group[0][2])):
+            stacked = np.concatenate([inputs[j] for _, _, inputs, _ in full], axis=0)
+            arrays.append(jax.make_array_from_callback(stacked.shape, sharding,
+                                                       lambda ix, a=stacked: a[ix]))
+        out = np.asarray(jax.device_get(self.fn(params, model_state, tuple(arrays))))
+        results = []
+        for k, (_, _, _, (h, w)) in enumerate(group):
+            y = out[k, :h, :w]
+            results.append(np.clip(y, 0.0, 1.0) if self.recipe.eval_clamp else y)
         return results
 
+    def stream(self, params, model_state) -> Iterable[tuple[int, dict, np.ndarray]]:
+        """(index, item, restored image) for the whole validation set (grouped order)."""
+        pending: dict[tuple, list] = {}
+        for i in range(len(self.val_set)):
+            item = self.val_set[i]
+            x = item["lq"][None]
+            extras = list(self.protocol.extra_inputs(x)) if self.protocol.extra_inputs else []
+            inputs = [self._pad(a) for a in [x, *extras]]
+            key = tuple(a.shape for a in inputs)
+            group = pending.setdefault(key, [])
+            group.append((i, item, inputs, x.shape[1:3]))
+            if len(group) == self.n:
+                for (j, it, _, _), y in zip(group, self._run(params, model_state, group)):
+                    yield j, it, y
+                del pending[key]
+        for group in pending.values():
+            for (j, it, _, _), y in zip(group, self._run(params, model_state, group)):
+                yield j, it, y
+
+    def restore_all(self, params, model_state) -> list[np.ndarray]:
+        """The restored image of every validation item, in the set's order (host numpy, HWC)."""
+        out = {i: y for i, _, y in self.stream(params, model_state)}
+        return [out[i] for i in range(len(out))]
+
     def __call__(self, params, model_state) -> dict[str, float]:
-        if not self.val_set:
-            return {}
-        outs = self.restore_all(params, model_state)
         ps, ss = [], []
-        for item, y in zip(self.val_set, outs):
+        for _, item, y in self.stream(params, model_state):
             ps.append(float(self.psnr(y, item["gt"])))
             ss.append(float(self.ssim(y, item["gt"])))
+        if not ps:
+            return {}
         return {"psnr": float(np.mean(ps)), "ssim": float(np.mean(ss))}
 
     def baseline(self) -> dict[str, float]:
         """PSNR / SSIM of the degraded inputs themselves (what "no restoration" scores)."""
-        if not self.val_set or self.val_set[0]["lq"].shape != self.val_set[0]["gt"].shape:
+        ps, ss = [], []
+        for i in range(len(self.val_set)):
+            it = self.val_set[i]
+            if it["lq"].shape != it["gt"].shape:
+                return {}
+            ps.append(float(self.psnr(it["lq"], it["gt"])))
+            ss.append(float(self.ssim(it["lq"], it["gt"])))
+        if not ps:
             return {}
-        ps = [float(self.psnr(it["lq"], it["gt"])) for it in self.val_set]
-        ss = [float(self.ssim(it["lq"], it["gt"])) for it in self.val_set]
         return {"psnr": float(np.mean(ps)), "ssim": float(np.mean(ss))}
 
 
