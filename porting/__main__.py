@@ -4,6 +4,7 @@
     python -m porting convert NAME CHECKPOINT OUT_DIR [--safetensors] [--key K] [--partial]
     python -m porting export NAME FLAX_CHECKPOINT OUT.pth
     python -m porting verify NAME [CHECKPOINT] [--batch B --height H --width W --grads --tol T]
+    python -m porting vgg19 VGG19.pth OUT.safetensors
     python -m porting demo
 """
 
@@ -109,6 +110,24 @@ def cmd_verify(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_vgg19(args) -> int:
+    from safetensors.numpy import save_file
+
+    from porting.convert import flax_to_numpy
+    from porting.reference.vgg import load_torchvision_vgg19
+
+    if not args.out.endswith(".safetensors"):
+        raise ValueError(f"the output must be a .safetensors file, got {args.out}")
+    _step(f"reading {args.checkpoint} (torchvision vgg19 layout; classifier dropped)")
+    module = load_torchvision_vgg19(args.checkpoint, num_layers=30)  # up to relu5_1
+    arrays = flax_to_numpy(module)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    save_file(arrays, args.out)
+    _step(f"wrote {len(arrays)} tensors (features.0 .. features.28) to {args.out}; "
+          f"train with --set vgg_weights={args.out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from porting import demo
 
@@ -154,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grads", action="store_true", help="also compare gradients of a scalar loss")
     s.add_argument("--tol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
     s.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("vgg19", help="torchvision VGG19 ImageNet weights -> .safetensors for the "
+                                     "trainer's perceptual / contrastive losses")
+    s.add_argument("checkpoint", help="torchvision vgg19 file, e.g. vgg19-dcbb9e9d.pth (read with "
+                                      "weights_only=True)")
+    s.add_argument("out", help="output .safetensors")
+    s.set_defaults(fn=cmd_vgg19)
 
     s = sub.add_parser("demo", help="for each model: release-style checkpoint -> convert -> verify")
     s.add_argument("names", nargs="*", help="models (default: all)")

@@ -137,3 +137,27 @@ def test_load_torchvision_file(tmp_path):
     with pytest.raises(ConversionError) as e:
         load_torchvision_vgg19(path)
     assert "features.10.bias" in str(e.value) and "head.weight" in str(e.value)
+
+
+def test_vgg19_command_writes_weights_the_trainer_reads(tmp_path):
+    """`python -m porting vgg19 IN.pth OUT.safetensors` -> train.step.load_vgg gives the same
+    features as the torch model the file came from."""
+    from porting.__main__ import main
+    from train import step
+
+    ref = _torch_model(num_layers=30, seed=4)
+    sd = dict(ref.state_dict())
+    sd["classifier.0.weight"] = torch.zeros(4, 8)
+    src, out = tmp_path / "vgg19.pth", tmp_path / "w" / "vgg19.safetensors"
+    torch.save(sd, src)
+    assert main(["vgg19", str(src), str(out)]) == 0
+    graph, params = step.load_vgg(str(out))
+    model = nnx.merge(graph, params)  # as the train step does
+    x = np.random.default_rng(5).random((1, 32, 32, 3), dtype=np.float32)
+    outs = model(x)
+    with torch.no_grad():
+        touts = ref(torch.from_numpy(x).permute(0, 3, 1, 2))
+    for o, t in zip(outs, touts):
+        t = t.permute(0, 2, 3, 1).numpy()
+        assert float(np.abs(np.asarray(o) - t).max()) / max(1.0, float(np.abs(t).max())) <= 1e-5
+    assert main(["vgg19", str(src), str(tmp_path / "x.pth")]) == 2  # not a .safetensors
