@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out_dir", help="directory to create")
     s.add_argument("--safetensors", action="store_true", help="also write OUT_DIR/model.safetensors")
     s.add_argument("--key", help="take the state dict from this top-level entry (default: params, "
-                                 "params_ema, state_dict, model, or the bare dict)")
+                                 "params_ema, state_dict, model_state_dict, model, or the bare dict)")
     s.add_argument("--partial", action="store_true",
                    help="load what matches and keep random init for the rest (not recommended)")
     s.set_defaults(fn=cmd_convert)

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-CONTAINER_KEYS = ("params", "params_ema", "state_dict", "model")
+CONTAINER_KEYS = ("params", "params_ema", "state_dict", "model_state_dict", "model")
 
 
 class CheckpointError(ValueError):

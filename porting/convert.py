@@ -258,10 +258,34 @@ def flax_to_numpy(module: nnx.Module) -> dict[str, np.ndarray]:
     return out
 
 
+def reference_key_order(module: nnx.Module) -> list[str] | None:
+    """The state_dict key order of the torch reference of ``module`` (built on torch's meta
+    device: no memory, no init), or None when ``module`` is not a registered model class."""
+    import importlib
+
+    import torch
+
+    from porting import reference
+
+    cfg = getattr(module, "config", None)
+    family = next((models.entry(n).family for n in models.names()
+                   if models.entry(n).cls is type(module)), None)
+    if cfg is None or family not in reference.REFERENCES or not dataclasses.is_dataclass(cfg):
+        return None
+    mod_name, cls_name = reference.REFERENCES[family]
+    cls = getattr(importlib.import_module(mod_name), cls_name)
+    try:
+        with torch.device("meta"):
+            return list(cls(**dataclasses.asdict(cfg)).state_dict())
+    except Exception:  # a constructor that needs real values: keep the layout's order
+        return None
+
+
 def flax_to_torch(module: nnx.Module) -> dict[str, "torch.Tensor"]:
     """The module's weights as a torch state dict with the original keys and layouts.
 
-    Aliases of one shared flax variable share one torch tensor, as in the original.
+    Aliases of one shared flax variable share one torch tensor, as in the original. Keys come
+    in the torch reference's ``state_dict()`` order (the order of the released files).
     """
     import torch
 
@@ -272,6 +296,9 @@ def flax_to_torch(module: nnx.Module) -> dict[str, "torch.Tensor"]:
             arr = np.ascontiguousarray(slot.rule.to_torch(np.asarray(slot.variable.get_value())))
             seen[vid] = torch.from_numpy(arr.copy())
         out[k] = seen[vid]
+    order = reference_key_order(module)
+    if order is not None and set(order) == set(out):
+        out = {k: out[k] for k in order}
     return out
 
 

@@ -38,6 +38,27 @@ def test_round_trip_bit_exact(small_sd):
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
 
 
+FAMILY_SMALL = {
+    "restormer:dual_pixel_defocus_deblurring": SMALL,
+    "mprnet:deblurring": dict(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1),
+    "darkir:m": dict(width=8, enc_blk_nums=(1, 1, 1), dec_blk_nums=(1, 1, 1),
+                     middle_blk_num_enc=1, middle_blk_num_dec=1),
+    "snr": dict(nf=8),
+    "aecrnet": dict(ngf=8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_SMALL))
+def test_export_keeps_the_release_key_order(name):
+    """flax_to_torch lists keys as the original's state_dict() does (so as the released files),
+    not in the alphabetical order of NNX's attribute traversal."""
+    torch.manual_seed(1)
+    sd = reference.build(name, **FAMILY_SMALL[name]).state_dict()
+    back = porting.flax_to_torch(porting.torch_to_flax(name, sd, **FAMILY_SMALL[name]))
+    assert list(back) == list(sd)
+    assert list(back) != sorted(back)  # the check above is not trivially alphabetical
+
+
 def test_conv_layout(small_sd):
     module = porting.torch_to_flax(NAME, small_sd, **SMALL)
     w = small_sd["patch_embed.proj.weight"].numpy()  # (O, I, kh, kw)
@@ -59,7 +80,7 @@ def test_orbax_and_safetensors_bit_exact(tmp_path, small_sd):
             assert got[k].dtype == ref[k].dtype and np.array_equal(got[k], ref[k]), k
 
 
-@pytest.mark.parametrize("container", ["params", "params_ema", "state_dict", "model", None])
+@pytest.mark.parametrize("container", ["params", "params_ema", "state_dict", "model_state_dict", "model", None])
 def test_containers_and_module_prefix(tmp_path, small_sd, container):
     sd = {("module." + k if container == "state_dict" else k): v for k, v in small_sd.items()}
     path = tmp_path / "ckpt.pth"
