@@ -50,6 +50,20 @@ def _reflect3(x):
     return layers.pad2d(x, 3, "reflect")  # torch ReflectionPad2d(3): no edge repeat
 
 
+class ValidConv2d(Conv2d):
+    """A padding-free Conv2d (the reflect-padded 7x7s): same variables and numbers as
+    :class:`Conv2d`, computed by :func:`layers.conv2d_valid` (XLA:CPU's padding-free conv path is
+    slow for the 64->3 output conv: 0.67 s of a 1.1 s forward at 256x256)."""
+
+    def __call__(self, x):
+        if self.padding != (0, 0) or self.groups != 1:
+            return super().__call__(x)
+        y = layers.conv2d_valid(x, self.kernel[...].astype(x.dtype), self.stride, self.dilation)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
 def default_conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = True, *,
                  rngs: nnx.Rngs) -> Conv2d:
     return Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias,
@@ -123,7 +137,7 @@ class AECRNet(nnx.Module):
         ngf = cfg.ngf
         relu = jax.nn.relu
         # attribute order = the original's registration order = its state_dict order
-        self.down1 = Sequential(_reflect3, Conv2d(cfg.input_nc, ngf, 7, rngs=rngs), relu)
+        self.down1 = Sequential(_reflect3, ValidConv2d(cfg.input_nc, ngf, 7, rngs=rngs), relu)
         self.down2 = Sequential(Conv2d(ngf, ngf * 2, 3, stride=2, padding=1, rngs=rngs), relu)
         self.down3 = Sequential(Conv2d(ngf * 2, ngf * 4, 3, stride=2, padding=1, rngs=rngs), relu)
         self.block = DehazeBlock(default_conv, ngf * 4, 3, rngs=rngs)
@@ -131,7 +145,8 @@ class AECRNet(nnx.Module):
                                               output_padding=1, rngs=rngs), relu)
         self.up2 = Sequential(ConvTranspose2d(ngf * 2, ngf, 3, stride=2, padding=1,
                                               output_padding=1, rngs=rngs), relu)
-        self.up3 = Sequential(_reflect3, Conv2d(ngf, cfg.output_nc, 7, rngs=rngs), jnp.tanh)
+        self.up3 = Sequential(_reflect3, ValidConv2d(ngf, cfg.output_nc, 7, rngs=rngs),
+                              jnp.tanh)
         self.dcn_block = DCNBlock(ngf * 4, ngf * 4, rngs=rngs)
         self.deconv = FastDeconv(cfg.input_nc, cfg.input_nc, 3, stride=1, padding=1, rngs=rngs)
         self.mix4 = Mix(-1.0)
