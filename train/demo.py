@@ -64,11 +64,17 @@ def _export_and_verify(workdir: str, recipe) -> tuple[str, float]:
     state = torch.load(path, map_location="cpu", weights_only=True)["params"]
     ref.load_state_dict(state, strict=True)
     ref.eval()
+    from flaxrestore.restore import protocol_for
+
+    protocol = protocol_for(module)
     item = loop.load_val_set(recipe)[0]
-    x = item["lq"][None]  # NHWC, sides multiples of 8
-    ours = np.asarray(module(x))
+    x = item["lq"][None]  # NHWC; the demo images' sides are multiples of 16
+    inputs = [x, *(protocol.extra_inputs(x) if protocol.extra_inputs else ())]
+    module.eval()
+    ours = np.asarray(protocol.select(module(*inputs)))
     with torch.no_grad():
-        theirs = ref(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
+        theirs = protocol.select(ref(*[torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+                                       for a in inputs]))
     theirs = theirs.numpy().transpose(0, 2, 3, 1)
     rel = float(np.max(np.abs(ours - theirs)) / max(1.0, float(np.max(np.abs(theirs)))))
     return path, rel
