@@ -200,6 +200,43 @@ def test_dual_pixel_pair():
         flaxrestore.restore(module, left)
 
 
+def test_cli_dual_pixel_right_views(tmp_path, capsys):
+    """--input takes the left views, --right the right views (matched in sorted order)."""
+    torch = pytest.importorskip("torch")
+    from porting import reference
+
+    name, over = "restormer:dual_pixel_defocus_deblurring", SMALL["restormer"][1]
+    torch.manual_seed(2)
+    ref = reference.build(name, **over).eval()
+    torch.save({"params": ref.state_dict()}, tmp_path / "dp.pth")
+    for side in ("L", "R"):
+        os.makedirs(tmp_path / side)
+    pairs = {}
+    for stem in ("a", "b"):
+        left, right = (RNG.random((19, 26, 3)) for _ in range(2))
+        imageio.write_image(tmp_path / "L" / f"{stem}.png", left, bit_depth=16)
+        imageio.write_image(tmp_path / "R" / f"{stem}.png", right, bit_depth=16)
+        pairs[stem] = [imageio.read_image(tmp_path / s / f"{stem}.png").pixels for s in ("L", "R")]
+    config = [a for k, v in over.items() for a in ("--config", f"{k}={v}")]
+    base = ["restore", name, "--weights", str(tmp_path / "dp.pth"), "--input", str(tmp_path / "L")]
+    rc = cli.main(base + ["--right", str(tmp_path / "R"), "--output", str(tmp_path / "out")] + config)
+    assert rc == 0
+    for stem, (left, right) in pairs.items():
+        out = imageio.read_image(tmp_path / "out" / f"{stem}.png")
+        expected = torch_protocol("restormer", ref, np.concatenate([left, right], -1)[None])[0]
+        assert out.bit_depth == 16 and out.pixels.shape == (19, 26, 3)
+        np.testing.assert_allclose(out.pixels, expected, atol=1e-4, rtol=0)
+    capsys.readouterr()
+    # without --right, or with a different number of right views: a clear error, nothing written
+    assert cli.main(base + ["--output", str(tmp_path / "o2")] + config) == 2
+    assert "--right" in capsys.readouterr().err
+    os.remove(tmp_path / "R" / "b.png")
+    assert cli.main(base + ["--right", str(tmp_path / "R"), "--output", str(tmp_path / "o3")]
+                    + config) == 2
+    assert "--right gives 1" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o2") and not os.path.exists(tmp_path / "o3")
+
+
 def test_grey_and_colour_mismatch(small_restormer):
     torch = pytest.importorskip("torch")
     import porting
