@@ -168,6 +168,34 @@ def matching_variants(state_shapes: Mapping[str, tuple], family: str | None = No
     return found
 
 
+@functools.lru_cache(maxsize=None)
+def _family_top_level(family: str) -> frozenset[str]:
+    """First components of the state_dict keys of a family's first variant (torch meta device)."""
+    import torch
+
+    from porting import reference
+
+    with torch.device("meta"):
+        keys = reference.build(models.names(family)[0]).state_dict()
+    return frozenset(k.split(".", 1)[0] for k in keys)
+
+
+def guess_family(state: Mapping[str, Any]) -> str | None:
+    """The registered family whose top-level module names best match ``state``'s keys
+    (Jaccard similarity of the name sets at least 0.8), or None."""
+    tops = {k.split(".", 1)[0] for k in state}
+    best, score = None, 0.0
+    for family in models.families():
+        try:
+            theirs = _family_top_level(family)
+        except Exception:
+            continue
+        j = len(tops & theirs) / max(1, len(tops | theirs))
+        if j > score:
+            best, score = family, j
+    return best if score >= 0.8 else None
+
+
 def _format_problems(name, missing, unexpected, mismatched, limit=50) -> str:
     lines = [f"checkpoint does not match {name!r}: {len(missing)} missing key(s), "
              f"{len(unexpected)} unexpected key(s), {len(mismatched)} shape mismatch(es)"]
@@ -223,6 +251,11 @@ def load_state_dict(module: nnx.Module, state_dict: Mapping[str, Any], *, strict
                       if n != name]
             if others:
                 msg += f"\n  these weights match {', '.join(others)}: load them under that name"
+            else:
+                family = guess_family(arrays)
+                if family is not None and family != _family(name):
+                    msg += (f"\n  these weights look like a {family} model (their top-level "
+                            f"modules are {family}'s): try one of {', '.join(models.names(family))}")
         raise ConversionError(msg)
 
     bad = set(missing) | {k for k, _, _ in mismatched}

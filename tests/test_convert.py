@@ -189,6 +189,18 @@ def test_wrong_variant_name_suggests_the_right_one():
         porting.torch_to_flax("restormer:real_denoising", gray)
 
 
+def test_weights_of_another_family_are_named():
+    """MPRNet weights loaded under a Restormer name: the error says which family they are."""
+    torch.manual_seed(0)
+    sd = reference.build("mprnet:deraining", **FAMILY_SMALL["mprnet:deblurring"]).state_dict()
+    with pytest.raises(ConversionError) as e:
+        porting.torch_to_flax(NAME, sd, **SMALL)
+    msg = str(e.value)
+    assert "look like a mprnet model" in msg and "mprnet:deraining" in msg
+    assert convert.guess_family({"patch_embed.proj.weight": 0}) is None  # too little to tell
+    assert convert.guess_family({k: 0 for k in sd}) == "mprnet"
+
+
 # ---- command line, end to end on a real-size variant ----
 
 def _run(*args):
