@@ -111,6 +111,16 @@ def test_round_trip_bit_exact():
         assert torch.equal(back[k], sd[k]), k
 
 
+def _assert_same_features(model, ref, seed):
+    x = np.random.default_rng(seed).random((1, 32, 32, 3), dtype=np.float32)
+    outs = model(x)
+    with torch.no_grad():
+        touts = ref(torch.from_numpy(x).permute(0, 3, 1, 2))
+    for o, t in zip(outs, touts):
+        t = t.permute(0, 2, 3, 1).numpy()
+        assert float(np.abs(np.asarray(o) - t).max()) / max(1.0, float(np.abs(t).max())) <= 1e-5
+
+
 def test_load_torchvision_file(tmp_path):
     ref = _torch_model(seed=3)
     sd = {k: v.clone() for k, v in ref.state_dict().items()}
@@ -123,13 +133,7 @@ def test_load_torchvision_file(tmp_path):
     torch.save(sd, path)
 
     model = load_torchvision_vgg19(path, num_layers=30)
-    x = np.random.default_rng(2).random((1, 32, 32, 3), dtype=np.float32)
-    outs = model(x)
-    with torch.no_grad():
-        touts = ref(torch.from_numpy(x).permute(0, 3, 1, 2))
-    for o, t in zip(outs, touts):
-        t = t.permute(0, 2, 3, 1).numpy()
-        assert float(np.abs(np.asarray(o) - t).max()) / max(1.0, float(np.abs(t).max())) <= 1e-5
+    _assert_same_features(model, ref, seed=2)
 
     del sd["features.10.bias"]
     sd["head.weight"] = torch.zeros(1)  # only classifier.* (and layers past num_layers) are dropped
@@ -153,11 +157,5 @@ def test_vgg19_command_writes_weights_the_trainer_reads(tmp_path):
     assert main(["vgg19", str(src), str(out)]) == 0
     graph, params = step.load_vgg(str(out))
     model = nnx.merge(graph, params)  # as the train step does
-    x = np.random.default_rng(5).random((1, 32, 32, 3), dtype=np.float32)
-    outs = model(x)
-    with torch.no_grad():
-        touts = ref(torch.from_numpy(x).permute(0, 3, 1, 2))
-    for o, t in zip(outs, touts):
-        t = t.permute(0, 2, 3, 1).numpy()
-        assert float(np.abs(np.asarray(o) - t).max()) / max(1.0, float(np.abs(t).max())) <= 1e-5
+    _assert_same_features(model, ref, seed=5)
     assert main(["vgg19", str(src), str(tmp_path / "x.pth")]) == 2  # not a .safetensors
