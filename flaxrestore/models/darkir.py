@@ -173,6 +173,52 @@ class FreMLP(nnx.Module):
         return jnp.fft.irfft2(z, s=(h, w), axes=(1, 2)).astype(x.dtype)
 
 
+def _branch_pad(branches, channels: int) -> int | None:
+    """The largest dilation when every branch is a stride-1 zero-padded depthwise 3x3 conv with
+    padding = dilation on ``channels`` channels and the shifted form is used (CPU), else None."""
+    convs = [b.branch.layers[0] for b in branches]
+    if not layers._use_shifted_depthwise() or not all(
+            cv.groups == cv.in_channels == cv.out_channels == channels
+            and cv.kernel_size == (3, 3) and cv.stride == (1, 1) and cv.padding == cv.dilation
+            and cv.dilation[0] == cv.dilation[1] and cv.padding_mode == "zeros" for cv in convs):
+        return None
+    return max(cv.dilation[0] for cv in convs)
+
+
+def _dilated_taps(xp, pad: int, branches):
+    """sum(branch(x)) from ``xp`` = x zero-padded by ``pad`` on each side (see _branch_pad), as
+    shifted multiply-adds; taps at the same offset (the centres) are merged."""
+    _, hp, wp, _ = xp.shape
+    h, w = hp - 2 * pad, wp - 2 * pad
+    taps = {}  # (dy, dx) -> summed (C,) weight
+    bias = None
+    for branch in branches:
+        cv = branch.branch.layers[0]
+        d = cv.dilation[0]
+        kernel = cv.kernel[...].astype(xp.dtype)
+        for i in range(3):
+            for j in range(3):
+                key = ((i - 1) * d, (j - 1) * d)
+                taps[key] = taps[key] + kernel[i, j, 0] if key in taps else kernel[i, j, 0]
+        if cv.bias is not None:
+            bb = cv.bias[...].astype(xp.dtype)
+            bias = bb if bias is None else bias + bb
+    out = None
+    for (dy, dx), k in taps.items():
+        t = xp[:, pad + dy:pad + dy + h, pad + dx:pad + dx + w, :] * k
+        out = t if out is None else out + t
+    return out if bias is None else out + bias
+
+
+def _branch_sum(x, branches):
+    """sum(branch(x) for branch in branches); on CPU as shifted multiply-adds on ONE copy of x
+    padded by the largest dilation (written per branch, XLA:CPU padded x once per dilation)."""
+    pad = _branch_pad(branches, x.shape[-1])
+    if pad is None:
+        return sum(branch(x) for branch in branches)
+    return _dilated_taps(layers.pad2d(x, pad), pad, branches)
+
+
 class Branch(nnx.Module):
     """One depthwise 3x3 branch with dilation d (padding d)."""
 
@@ -210,7 +256,7 @@ class EBlock(nnx.Module):
 
     def __call__(self, inp):
         x = self.conv1(self.extra_conv(self.norm1(inp)))
-        z = sum(branch(x) for branch in self.branches.layers)
+        z = _branch_sum(x, self.branches.layers)
         z = layers.simple_gate(z)
         x = self.conv3(self.sca(z) * z)
         y = inp + self.beta[...] * x
@@ -240,9 +286,53 @@ class DBlock(nnx.Module):
         self.norm1 = LayerNorm2d(c)
         self.norm2 = LayerNorm2d(c)
 
+    def _spatial_cpu(self, t, pad: int):
+        """extra_conv(conv1(t)) zero-padded by ``pad`` on each side, on CPU, for DarkIR's
+        grouped ``extra_conv`` (3x3, stride 1, padding 1, 2 channels per group in and out), or
+        None where that layout does not apply.
+
+        Computed as one 1x1 conv to two channel-expanded copies (copy k, channel g*2+o =
+        conv1's channel g*2+k: conv1's weight columns gathered, exact), ONE depthwise 3x3 over
+        both copies on the input padded by 1 + ``pad``, the two halves summed, and the border
+        zeroed by a constant 0/1 mask. Two XLA:CPU problems of the direct form are avoided: it
+        slices a size-2 minor axis (groups x 2 channels), which is not vectorised; and the
+        dilated taps' centre slice of pad(x) simplifies to x, so XLA fused (recomputed) the
+        grouped conv into the tap sum (together 60% of DarkIR-m's forward). The mask keeps the
+        padded array a separate, materialised fusion.
+        """
+        ec = self.extra_conv
+        dw = self.conv1.out_channels
+        if (not isinstance(ec, GroupedConv2d) or ec.in_channels != dw or ec.out_channels != dw
+                or ec.groups * 2 != dw or ec.kernel_size != (3, 3) or ec.stride != (1, 1)
+                or ec.padding != (1, 1) or ec.dilation != (1, 1) or ec.padding_mode != "zeros"
+                or self.conv1.kernel_size != (1, 1) or self.conv1.padding != (0, 0)
+                or self.conv1.stride != (1, 1) or self.conv1.groups != 1):
+            return None
+        w1 = self.conv1.kernel[...].astype(t.dtype)[0, 0]  # (c, dw)
+        base = (np.arange(dw) // 2) * 2
+        cols = np.concatenate([base, base + 1])  # copy 0 then copy 1
+        xs = t @ w1[:, cols]
+        if self.conv1.bias is not None:
+            xs = xs + self.conv1.bias[...].astype(t.dtype)[cols]
+        k = ec.kernel[...].astype(t.dtype)  # (3, 3, 2, dw): [i, j, k, g*2+o]
+        ks = jnp.concatenate([k[:, :, 0], k[:, :, 1]], axis=-1)[:, :, None, :]  # (3, 3, 1, 2dw)
+        y = layers.depthwise_conv_shifted(layers.pad2d(xs, 1 + pad), ks)
+        y = y[..., :dw] + y[..., dw:]
+        if ec.bias is not None:
+            y = y + ec.bias[...].astype(t.dtype)
+        _, h, w, _ = t.shape
+        mask = np.zeros((1, h + 2 * pad, w + 2 * pad, 1), np.float32)
+        mask[:, pad:pad + h, pad:pad + w] = 1.0
+        return y * jnp.asarray(mask, t.dtype)
+
     def __call__(self, inp):
-        x = self.extra_conv(self.conv1(self.norm1(inp)))
-        z = sum(branch(x) for branch in self.branches.layers)
+        t = self.norm1(inp)
+        pad = _branch_pad(self.branches.layers, self.conv1.out_channels)
+        xp = self._spatial_cpu(t, pad) if pad is not None else None
+        if xp is not None:
+            z = _dilated_taps(xp, pad, self.branches.layers)
+        else:
+            z = _branch_sum(self.extra_conv(self.conv1(t)), self.branches.layers)
         z = layers.simple_gate(z)  # sg1
         x = self.conv3(self.sca(z) * z)
         y = inp + self.beta[...] * x
