@@ -30,12 +30,17 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from flaxrestore import layers as flayers
 from flaxrestore import losses as flosses
 from flaxrestore import models
 from train import schedules
 from train.recipe import LossTerm, MixupConfig, Recipe
 
 DATA_AXIS = "data"
+
+# XLA:CPU's default scheduler plans several times more memory for a training step (see
+# flaxrestore.layers.prefer_memory_saving_cpu_scheduler); effective if jax has not started yet.
+flayers.prefer_memory_saving_cpu_scheduler()
 
 
 # --------------------------------------------------------------------------------------------

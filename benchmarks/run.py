@@ -1,0 +1,566 @@
+"""Flax vs the torch reference: forward and training-step times, in one process, interleaved.
+
+    .venv/bin/python benchmarks/run.py                                   # one variant per family
+    .venv/bin/python benchmarks/run.py --models restormer mprnet:deraining --sizes 256 --repeats 5
+    .venv/bin/python benchmarks/run.py --no-train --sizes 256 512 --out docs/benchmarks.md
+
+For every model (``--models`` takes registry names or family names; a family means its
+representative variant):
+
+* forward, batch 1, at each ``--sizes`` (square): the Flax module jitted (timed after the
+  compile, which is timed on its own: lowering + XLA compile), the torch reference module as the
+  original runs it (eager, ``torch.no_grad()``, NCHW) and the same module in channels-last
+  memory format. Both sides hold the same weights (the torch module's, converted), and the
+  largest output difference is printed as a sanity check.
+* training step, batch ``--train-batch`` (4) at the recipe's patch size (its first progressive
+  stage): the trainer's own jitted step (``train.step.make_train_step`` on a one-device mesh:
+  the recipe's loss, optimizer, clipping) against the torch reference in train mode with the
+  same loss (the torch counterparts in ``porting.reference.losses``) and the matching
+  ``torch.optim`` optimizer (zero_grad, forward, loss, backward, clip, step), eager NCHW.
+
+Each repeat runs Flax, torch, torch channels-last back to back (after one warm-up call of each),
+so a load change on the machine hits all of them alike; the table reports medians and the ratio
+Flax / torch (NCHW eager). Torch runs on ``--threads`` intra-op threads (default: all cores);
+XLA:CPU uses every core.
+
+Peak memory ("peak +RSS"): the largest increase of the process's resident set during one extra
+call, sampled every 2 ms by a thread reading /proc/self/statm, above the RSS just before the
+call (after ``malloc_trim``). It is what the call needs beyond what is already resident (weights,
+compiled program, cached allocator blocks not returned to the OS), so it is a lower bound on the
+working set and only roughly comparable between frameworks. For Flax the XLA buffer assignment
+("XLA temp") is printed too: the temporaries the compiled program allocates, exactly.
+
+Results go to ``--out`` (default docs/benchmarks.md) as a markdown table with the machine (CPU
+model, cores, versions) and the command line. A measurement, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import datetime
+import gc
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+from flaxrestore import layers as _layers  # noqa: E402
+
+_layers.prefer_memory_saving_cpu_scheduler()  # as the trainer does (before jax starts)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import porting  # noqa: E402
+from flaxrestore import models  # noqa: E402
+from porting import reference  # noqa: E402
+
+# family -> (representative variant, its training recipe)
+FAMILIES = {
+    "restormer": ("restormer:motion_deblurring", "restormer_motion_deblurring"),
+    "mprnet": ("mprnet:deblurring", "mprnet_deblurring"),
+    "darkir": ("darkir:m", "darkir_lolblur"),
+    "snr": ("snr", "snr_lolv1"),
+    "aecrnet": ("aecrnet", "aecrnet_its"),
+}
+# variants whose own recipe differs from the family's
+RECIPES = {
+    "restormer:deraining": "restormer_deraining",
+    "restormer:real_denoising": "restormer_real_denoising",
+    "restormer:gaussian_color_denoising": "restormer_gaussian_color_denoising",
+    "restormer:gaussian_gray_denoising": "restormer_gaussian_gray_denoising",
+    "restormer:single_image_defocus_deblurring": "restormer_defocus_deblurring",
+    "mprnet:deraining": "mprnet_deraining",
+    "mprnet:denoising": "mprnet_denoising",
+}
+
+MIB = 1024 ** 2
+
+
+# --------------------------------------------------------------------------------------------
+# measuring
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _trim():
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def peak_rss_increase(fn) -> int:
+    """Bytes: max RSS sampled during ``fn()`` minus RSS before it."""
+    _trim()
+    base = _rss()
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    peak[0] = max(peak[0], _rss())
+    return peak[0] - base
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def interleaved(fns: dict, repeats: int, label: str) -> dict[str, list[float]]:
+    """One warm-up call of each, then ``repeats`` rounds calling each once, in order."""
+    times = {k: [] for k in fns}
+    for k, f in fns.items():
+        t = timed(f)
+        print(f"    {label} warm-up {k}: {t:.3f}s", flush=True)
+    for r in range(repeats):
+        for k, f in fns.items():
+            times[k].append(timed(f))
+        print(f"    {label} round {r + 1}/{repeats}: " +
+              ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
+    return times
+
+
+def _nchw(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+def resolve(items: list[str]) -> list[str]:
+    names = models.names()
+    out = []
+    for item in items:
+        if item == "all":
+            out += [v for v, _ in FAMILIES.values()]
+        elif item in FAMILIES:
+            out.append(FAMILIES[item][0])
+        elif item in names:
+            out.append(item)
+        else:
+            raise SystemExit(f"unknown model {item!r}; families: {', '.join(FAMILIES)}; "
+                             f"names: {', '.join(names)}")
+    return list(dict.fromkeys(out))
+
+
+def recipe_for(name: str):
+    from train import recipe as recipe_lib
+
+    family = models.entry(name).family
+    spec = RECIPES.get(name, FAMILIES[family][1])
+    rec = recipe_lib.load(spec)
+    if rec.model != name:
+        rec = dataclasses.replace(rec, model=name)
+    return spec, rec
+
+
+def torch_inputs(name: str, arrays, channels_last: bool = False):
+    xs = [_nchw(a) for a in arrays]
+    if channels_last:
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    return xs
+
+
+@dataclasses.dataclass
+class Row:
+    model: str
+    what: str  # "forward 256x256" / "train 128x128 x4"
+    flax: float
+    torch: float
+    torch_cl: float | None
+    compile_s: float
+    flax_mem: int | None
+    torch_mem: int | None
+    xla_temp: int | None
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.flax / self.torch
+
+
+def bench_forward(name: str, ref: torch.nn.Module, net: nnx.Module, size: int, repeats: int,
+                  channels_last: bool, memory: bool) -> Row:
+    entry = models.entry(name)
+    cfg = models.get_config(name)
+    arrays = entry.cls.example_inputs(cfg, 1, size, size, np.random.default_rng(0))
+    graph, state = nnx.split(net)
+
+    @jax.jit
+    def fwd(state, *xs):
+        return nnx.merge(graph, state)(*xs)
+
+    xs = [jnp.asarray(a) for a in arrays]
+    t0 = time.perf_counter()
+    compiled = fwd.lower(state, *xs).compile()
+    compile_s = time.perf_counter() - t0
+    try:
+        xla_temp = compiled.memory_analysis().temp_size_in_bytes
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        xla_temp = None
+    print(f"  forward {size}x{size}: compiled in {compile_s:.1f}s, XLA temp {_mib(xla_temp)} MiB",
+          flush=True)
+
+    tx = torch_inputs(name, arrays)
+    fns = {"flax": lambda: jax.block_until_ready(compiled(state, *xs))}
+
+    def run_torch(inputs):
+        with torch.no_grad():
+            return ref(*inputs)
+
+    fns["torch"] = lambda: run_torch(tx)
+    if channels_last:
+        import copy
+
+        ref_cl = copy.deepcopy(ref).to(memory_format=torch.channels_last)
+        tcl = torch_inputs(name, arrays, channels_last=True)
+
+        def run_cl():
+            with torch.no_grad():
+                return ref_cl(*tcl)
+
+        fns["torch_cl"] = run_cl
+    # the same numbers on both sides (a sanity check, printed)
+    y = np.asarray(_first(compiled(state, *xs)))
+    yt = _first(run_torch(tx)).numpy().transpose(0, 2, 3, 1)
+    diff = float(np.max(np.abs(y - yt)))
+    print(f"  forward {size}x{size}: max |flax - torch| = {diff:.2e}", flush=True)
+    times = interleaved(fns, repeats, f"forward {size}")
+    flax_mem = torch_mem = None
+    if memory:
+        flax_mem = peak_rss_increase(fns["flax"])
+        torch_mem = peak_rss_increase(fns["torch"])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return Row(name, f"forward {size}x{size}", med["flax"], med["torch"], med.get("torch_cl"),
+               compile_s, flax_mem, torch_mem, xla_temp, note=f"max diff {diff:.1e}")
+
+
+# --------------------------------------------------------------------------------------------
+# training step
+
+
+def torch_loss(recipe, ref_vgg):
+    """The recipe's loss on torch tensors: fn(outputs, gt, lq) with outputs (main, all, side)."""
+    from porting.reference import losses as L
+
+    terms = []
+    for t in recipe.losses:
+        if not t.weight:
+            continue
+        o = dict(t.options)
+        if t.kind == "l1":
+            fn = L.l1
+        elif t.kind == "mse":
+            fn = torch.nn.functional.mse_loss
+        elif t.kind == "charbonnier":
+            fn = L.CharbonnierLoss(o.get("eps", 1e-3))
+        elif t.kind == "charbonnier_sum":
+            fn = L.CharbonnierSumLoss(o.get("eps", 1e-6))
+        elif t.kind == "edge":
+            fn = L.EdgeLoss(3, o.get("eps", 1e-3))
+        elif t.kind == "laplacian_mse":
+            fn = L.DarkIREdgeLoss(3)
+        elif t.kind == "frequency":
+            fn = L.FrequencyLoss()
+        elif t.kind == "perceptual":
+            fn = L.VGGPerceptualLoss(ref_vgg, reduction=o.get("reduction", "mean"))
+        elif t.kind == "contrastive":
+            cr = L.ContrastLoss(ref_vgg)
+            fn = lambda p, g, lq, cr=cr: cr(p, g, lq)  # noqa: E731
+        else:
+            raise ValueError(f"no torch counterpart for loss kind {t.kind!r}")
+        terms.append((t, fn))
+
+    def loss(main, all_, side, gt, lq):
+        total = 0.0
+        for t, fn in terms:
+            if t.outputs == "main":
+                preds = [main]
+            elif t.outputs == "all":
+                preds = list(all_)
+            else:
+                preds = [torch.nn.functional.interpolate(side, scale_factor=gt.shape[2] // side.shape[2],
+                                                         mode="nearest")]
+            for p in preds:
+                if t.clamp:
+                    p = torch.clamp(p, 0, 1)
+                v = fn(p, gt, lq) if t.kind == "contrastive" else fn(p, gt)
+                total = total + t.weight * v
+        return total
+
+    return loss
+
+
+def torch_optimizer(cfg, params):
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps,
+                                weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.b1, cfg.b2), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay)
+
+
+def bench_train(name: str, ref: torch.nn.Module, net: nnx.Module, batch: int, repeats: int,
+                channels_last: bool, memory: bool) -> Row:
+    import copy
+
+    from porting.reference.vgg import VGG19Features
+    from train import schedules
+    from train import step as S
+
+    spec, recipe = recipe_for(name)
+    patch = recipe.stage_at(1).patch_size or int(recipe.data.get("patch_size") or 256)
+    recipe = dataclasses.replace(recipe, batch_size=batch, stages=())
+    rng = np.random.default_rng(0)
+    arrays = models.entry(name).cls.example_inputs(models.get_config(name), batch, patch, patch,
+                                                   rng)
+    lq = arrays[0]
+    gt = np.clip(lq + 0.05 * rng.standard_normal(lq.shape), 0, 1).astype(np.float32)
+
+    # ---- flax: the trainer's step, with the torch module's weights
+    model = S.build_model(recipe)
+    params, model_state = S.split_module(net)
+    model = dataclasses.replace(model, params=params, model_state=model_state)
+    ref_vgg = vgg_graph = None
+    frozen = {}
+    if S.needs_vgg(recipe):
+        ref_vgg = VGG19Features(num_layers=30).eval()
+        path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bench_vgg_{os.getpid()}.npz")
+        np.savez(path, **{k: v.numpy() for k, v in ref_vgg.state_dict().items()})
+        vgg_graph, vgg_params = S.load_vgg(path)
+        os.remove(path)
+        frozen = {"vgg": vgg_params}
+    mesh = S.make_mesh(jax.devices()[:1])
+    tx = schedules.make_optimizer(recipe.optimizer)
+    step = S.make_train_step(recipe, model, tx, mesh, vgg_graph)
+    holder = {"state": S.replicate(mesh, S.init_state(model, tx, bool(recipe.ema_decay)))}
+    data = S.global_batch(mesh, {"lq": lq, "gt": gt})
+    frozen = S.replicate(mesh, frozen)
+    t0 = time.perf_counter()
+    compiled = step.lower(holder["state"], data, frozen).compile()
+    compile_s = time.perf_counter() - t0
+    try:
+        xla_temp = compiled.memory_analysis().temp_size_in_bytes
+    except Exception:  # noqa: BLE001
+        xla_temp = None
+    print(f"  train {patch}x{patch} x{batch} ({spec}): compiled in {compile_s:.1f}s, XLA temp "
+          f"{_mib(xla_temp)} MiB", flush=True)
+
+    def flax_step():
+        holder["state"], metrics = compiled(holder["state"], data, frozen)
+        jax.block_until_ready(metrics["loss"])
+        return metrics
+
+    # ---- torch: the reference module, the same loss and optimizer, eager
+    loss_fn = torch_loss(recipe, ref_vgg)
+
+    def make_torch_step(module, cl):
+        module.train()
+        opt = torch_optimizer(recipe.optimizer, module.parameters())
+        tl, tg = torch_inputs(name, [lq, gt], cl)
+        family = models.entry(name).family
+        if family == "snr":
+            from porting.reference.snr import snr_map
+        clip = recipe.optimizer.grad_clip_norm
+
+        def run():
+            opt.zero_grad(set_to_none=True)
+            side = None
+            if recipe.forward == "side":
+                side, out = module(tl, side_loss=True)
+            elif family == "snr":
+                out = module(tl, snr_map(tl))
+            else:
+                out = module(tl)
+            all_ = tuple(out) if isinstance(out, (list, tuple)) else (out,)
+            loss = loss_fn(all_[0], all_, side, tg, tl)
+            loss.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
+            opt.step()
+            return loss
+
+        return run
+
+    ref_train = copy.deepcopy(ref)
+    fns = {"flax": flax_step, "torch": make_torch_step(ref_train, False)}
+    if channels_last:
+        ref_cl = copy.deepcopy(ref).to(memory_format=torch.channels_last)
+        fns["torch_cl"] = make_torch_step(ref_cl, True)
+    l_flax = float(flax_step()["loss"])
+    l_torch = float(fns["torch"]().detach())
+    print(f"  train: first loss flax {l_flax:.5g} torch {l_torch:.5g}", flush=True)
+    times = interleaved(fns, repeats, f"train {patch}")
+    flax_mem = torch_mem = None
+    if memory:
+        flax_mem = peak_rss_increase(flax_step)
+        torch_mem = peak_rss_increase(fns["torch"])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return Row(name, f"train {patch}x{patch} x{batch}", med["flax"], med["torch"],
+               med.get("torch_cl"), compile_s, flax_mem, torch_mem, xla_temp,
+               note=f"{spec}, first loss {l_flax:.4g} / {l_torch:.4g}")
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores visible, torch on {torch.get_num_threads()} threads; "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
+            f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}")
+
+
+def _mib(v) -> str:
+    return "-" if v is None else f"{v / MIB:.0f}"
+
+
+def table(rows: list[Row]) -> str:
+    head = ("| model | measurement | Flax (s) | torch (s) | torch channels-last (s) | "
+            "Flax / torch | compile (s) | peak +RSS Flax / torch (MiB) | XLA temp (MiB) | notes |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        cl = "-" if r.torch_cl is None else f"{r.torch_cl:.3f}"
+        lines.append(f"| {r.model} | {r.what} | {r.flax:.3f} | {r.torch:.3f} | {cl} | "
+                     f"**{r.ratio:.2f}** | {r.compile_s:.1f} | {_mib(r.flax_mem)} / "
+                     f"{_mib(r.torch_mem)} | {_mib(r.xla_temp)} | {r.note} |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: str, rows: list[Row], args, argv: list[str],
+                   failures: list[str] = ()) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    text = f"""# Benchmarks: Flax vs the torch reference
+
+Written by `benchmarks/run.py` on {when}:
+
+    python benchmarks/run.py {' '.join(argv)}
+
+Machine: {machine()}.
+
+float32; forward at batch 1 (Flax jitted, timed after compiling; torch eager under no_grad, NCHW
+as the originals run, and channels-last); training step (forward + backward + optimizer) at
+batch {args.train_batch} and the recipe's first patch size (Flax: the trainer's jitted step;
+torch: the reference module, the same loss and optimizer, eager NCHW). Medians of
+{args.repeats} interleaved rounds (training: {args.train_repeats}) after one warm-up call each.
+**Flax / torch** is Flax over torch NCHW eager; below 1 Flax is faster. Compile: lowering + XLA
+compile of that program (once per shape). Peak +RSS: the largest resident-set increase sampled
+during one extra call above the resident set before it (a lower bound on the working set:
+weights, the compiled program and allocator caches already resident are not counted); XLA temp:
+the temporaries of the compiled Flax program from XLA's buffer assignment. Max diff: largest
+|Flax - torch| of the forward output with the same weights; first loss: the training loss of the
+first step on each side.
+
+{table(rows)}
+"""
+    if failures:
+        text += "\nFailed measurements:\n\n" + "\n".join(f"* {f}" for f in failures) + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["all"],
+                   help="registry names or families (restormer, mprnet, darkir, snr, aecrnet; "
+                        "'all': one variant per family)")
+    p.add_argument("--sizes", nargs="+", type=int, default=[256, 512],
+                   help="forward sizes (square, batch 1); none with --sizes 0")
+    p.add_argument("--repeats", type=int, default=3, help="timed forward rounds (median)")
+    p.add_argument("--train-repeats", type=int, default=3, help="timed training-step rounds")
+    p.add_argument("--train-batch", type=int, default=4)
+    p.add_argument("--no-train", action="store_true", help="skip the training step")
+    p.add_argument("--no-forward", action="store_true", help="skip the forward passes")
+    p.add_argument("--no-channels-last", action="store_true",
+                   help="skip torch channels-last in the forward")
+    p.add_argument("--train-channels-last", action="store_true",
+                   help="also time a channels-last torch training step")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    p.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.md"),
+                   help="markdown report ('' to skip)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = resolve(args.models)
+    print(machine(), flush=True)
+    rows: list[Row] = []
+    failures: list[str] = []
+    for name in names:
+        print(f"== {name}", flush=True)
+        ref = reference.build(name).eval()
+        net = porting.torch_to_flax(name, ref.state_dict())
+        net.eval()
+        jobs = []
+        if not args.no_forward:
+            jobs += [(f"forward {s}x{s}", lambda s=s: bench_forward(
+                name, ref, net, s, args.repeats, not args.no_channels_last, not args.no_memory))
+                for s in args.sizes if s > 0]
+        if not args.no_train:
+            jobs.append(("train", lambda: bench_train(
+                name, ref, net, args.train_batch, args.train_repeats, args.train_channels_last,
+                not args.no_memory)))
+        for what, job in jobs:
+            try:
+                rows.append(job())
+                print("  " + table(rows[-1:]).splitlines()[-1], flush=True)
+            except Exception as e:  # noqa: BLE001 - report it and go on with the next one
+                print(f"  {what} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                failures.append(f"{name} {what}: {type(e).__name__}: {str(e)[:200]}")
+            if args.out:  # written after every measurement, so a long run leaves partial results
+                write_markdown(args.out, rows, args, argv, failures)
+        del ref, net
+        gc.collect()
+    print(table(rows))
+    if args.out:
+        write_markdown(args.out, rows, args, argv, failures)
+    for f in failures:
+        print("FAILED:", f)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
