@@ -479,6 +479,9 @@ Written by `benchmarks/run.py` on {when}:
     python benchmarks/run.py {' '.join(argv)}
 
 Machine: {machine()}.
+Load average (1/5/15 min) when the report was written: {"/".join(f"{v:.1f}" for v in os.getloadavg())}
+(above the core count, other processes competed for the CPU; torch's OpenMP threads lose much
+more to such contention than XLA's thread pool, so ratios measured under load favour Flax).
 
 float32; forward at batch 1 (Flax jitted, timed after compiling; torch eager under no_grad, NCHW
 as the originals run, and channels-last); training step (forward + backward + optimizer) at
