@@ -185,11 +185,49 @@ def _branch_pad(branches, channels: int) -> int | None:
     return max(cv.dilation[0] for cv in convs)
 
 
+def _taps_sum(xp, kernels, offsets, pad: int, out_hw=None):
+    _, hp, wp, _ = xp.shape
+    h, w = out_hw or (hp - 2 * pad, wp - 2 * pad)
+    out = None
+    for k, (dy, dx) in zip(kernels, offsets):
+        t = xp[:, pad + dy:pad + dy + h, pad + dx:pad + dx + w, :] * k
+        out = t if out is None else out + t
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def offset_taps(xp, kernels, offsets: tuple, pad: int):
+    """out[p] = sum_t xp[p + pad + offsets[t]] * kernels[t]: a depthwise conv with arbitrary tap
+    offsets (|offset| <= pad) on an input already padded by ``pad``; kernels (T, C).
+
+    Hand-written backward (autodiff padded every tap's cotangent to the full padded size and
+    materialised them all): d xp is the same tap sum of dy (padded by 2*pad) at the negated
+    offsets; d kernels[t] is the sum over batch and space of the shifted xp times dy.
+    """
+    return _taps_sum(xp, kernels, offsets, pad)
+
+
+def _offset_taps_fwd(xp, kernels, offsets, pad):
+    return _taps_sum(xp, kernels, offsets, pad), (xp, kernels)
+
+
+def _offset_taps_bwd(offsets, pad, res, g):
+    xp, kernels = res
+    neg = tuple((-dy, -dx) for dy, dx in offsets)
+    _, hp, wp, _ = xp.shape
+    dxp = _taps_sum(layers.pad2d(g, 2 * pad), kernels, neg, pad, (hp, wp))
+    h, w = hp - 2 * pad, wp - 2 * pad
+    dk = jnp.stack([jnp.sum(xp[:, pad + dy:pad + dy + h, pad + dx:pad + dx + w, :] * g,
+                            axis=(0, 1, 2)) for dy, dx in offsets])
+    return dxp.astype(xp.dtype), dk.astype(kernels.dtype)
+
+
+offset_taps.defvjp(_offset_taps_fwd, _offset_taps_bwd)
+
+
 def _dilated_taps(xp, pad: int, branches):
     """sum(branch(x)) from ``xp`` = x zero-padded by ``pad`` on each side (see _branch_pad), as
-    shifted multiply-adds; taps at the same offset (the centres) are merged."""
-    _, hp, wp, _ = xp.shape
-    h, w = hp - 2 * pad, wp - 2 * pad
+    shifted multiply-adds (:func:`offset_taps`); taps at the same offset (the centres) merged."""
     taps = {}  # (dy, dx) -> summed (C,) weight
     bias = None
     for branch in branches:
@@ -203,10 +241,7 @@ def _dilated_taps(xp, pad: int, branches):
         if cv.bias is not None:
             bb = cv.bias[...].astype(xp.dtype)
             bias = bb if bias is None else bias + bb
-    out = None
-    for (dy, dx), k in taps.items():
-        t = xp[:, pad + dy:pad + dy + h, pad + dx:pad + dx + w, :] * k
-        out = t if out is None else out + t
+    out = offset_taps(xp, jnp.stack(list(taps.values())), tuple(taps), pad)
     return out if bias is None else out + bias
 
 
@@ -311,12 +346,12 @@ class DBlock(nnx.Module):
         w1 = self.conv1.kernel[...].astype(t.dtype)[0, 0]  # (c, dw)
         base = (np.arange(dw) // 2) * 2
         cols = np.concatenate([base, base + 1])  # copy 0 then copy 1
-        xs = t @ w1[:, cols]
+        xs = layers.matmul_channels(t, w1[:, cols])
         if self.conv1.bias is not None:
             xs = xs + self.conv1.bias[...].astype(t.dtype)[cols]
         k = ec.kernel[...].astype(t.dtype)  # (3, 3, 2, dw): [i, j, k, g*2+o]
         ks = jnp.concatenate([k[:, :, 0], k[:, :, 1]], axis=-1)[:, :, None, :]  # (3, 3, 1, 2dw)
-        y = layers.depthwise_conv_shifted(layers.pad2d(xs, 1 + pad), ks)
+        y = layers.depthwise_conv2d(xs, ks, (1 + pad, 1 + pad))
         y = y[..., :dw] + y[..., dw:]
         if ec.bias is not None:
             y = y + ec.bias[...].astype(t.dtype)
