@@ -169,15 +169,21 @@ def matching_variants(state_shapes: Mapping[str, tuple], family: str | None = No
 
 
 @functools.lru_cache(maxsize=None)
-def _family_top_level(family: str) -> frozenset[str]:
-    """First components of the state_dict keys of a family's first variant (torch meta device)."""
+def _meta_state_dict_keys(family: str, cfg) -> tuple[str, ...]:
+    """The state_dict keys, in order, of ``family``'s torch reference built from ``cfg`` on
+    torch's meta device (no memory, no init); cached per config."""
     import torch
 
     from porting import reference
 
     with torch.device("meta"):
-        keys = reference.build(models.names(family)[0]).state_dict()
-    return frozenset(k.split(".", 1)[0] for k in keys)
+        return tuple(reference.reference_class(family)(**dataclasses.asdict(cfg)).state_dict())
+
+
+def _family_top_level(family: str) -> frozenset[str]:
+    """First components of the state_dict keys of a family's first variant."""
+    first = models.entry(models.names(family)[0])
+    return frozenset(k.split(".", 1)[0] for k in _meta_state_dict_keys(family, first.config))
 
 
 def guess_family(state: Mapping[str, Any]) -> str | None:
@@ -292,25 +298,16 @@ def flax_to_numpy(module: nnx.Module) -> dict[str, np.ndarray]:
 
 
 def reference_key_order(module: nnx.Module) -> list[str] | None:
-    """The state_dict key order of the torch reference of ``module`` (built on torch's meta
-    device: no memory, no init), or None when ``module`` is not a registered model class."""
-    import importlib
-
-    import torch
-
-    from porting import reference
-
+    """The state_dict key order of the torch reference of ``module``, or None when ``module``
+    is not a registered model class (or its reference cannot be built on the meta device)."""
     cfg = getattr(module, "config", None)
     family = next((models.entry(n).family for n in models.names()
                    if models.entry(n).cls is type(module)), None)
-    if cfg is None or family not in reference.REFERENCES or not dataclasses.is_dataclass(cfg):
+    if family is None or not dataclasses.is_dataclass(cfg):
         return None
-    mod_name, cls_name = reference.REFERENCES[family]
-    cls = getattr(importlib.import_module(mod_name), cls_name)
     try:
-        with torch.device("meta"):
-            return list(cls(**dataclasses.asdict(cfg)).state_dict())
-    except Exception:  # a constructor that needs real values: keep the layout's order
+        return list(_meta_state_dict_keys(family, cfg))
+    except Exception:  # no reference, an unhashable config, a constructor needing real values
         return None
 
 

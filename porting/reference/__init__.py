@@ -29,11 +29,18 @@ def _module(name: str):
     return importlib.import_module(REFERENCES[family][0]), REFERENCES[family][1]
 
 
+def reference_class(family: str) -> type:
+    """The torch class of a family (constructor keywords: the fields of its flax config)."""
+    if family not in REFERENCES:
+        raise KeyError(f"no torch reference for model family {family!r}")
+    mod_name, cls_name = REFERENCES[family]
+    return getattr(importlib.import_module(mod_name), cls_name)
+
+
 def build(name: str, **overrides):
     """The torch reference module of a registered variant, torch-default initialised."""
-    mod, cls_name = _module(name)
     cfg = models.get_config(name, **overrides)
-    return getattr(mod, cls_name)(**dataclasses.asdict(cfg))
+    return reference_class(models.entry(name).family)(**dataclasses.asdict(cfg))
 
 
 def release_key(name: str) -> str | None:
