@@ -307,7 +307,7 @@ class MPRNet(nnx.Module):
 
         # ---- stage 2: encode halves (with cross-stage fusion), decode the whole image
         x2 = self.shallow_feat2(halves_img)
-        x2_cat = self.concat12(jnp.concatenate([x2, x2_samfeats], axis=-1))
+        x2_cat = self.concat12.concat_call([x2, x2_samfeats])
         feat2_h = self.stage2_encoder(x2_cat, feat1, res1)
         feat2 = [jnp.concatenate(_split(f, 2), axis=1) for f in feat2_h]
         res2 = self.stage2_decoder(feat2)
@@ -315,7 +315,7 @@ class MPRNet(nnx.Module):
 
         # ---- stage 3: original-resolution refinement
         x3 = self.shallow_feat3(x3_img)
-        x3_cat = self.concat23(jnp.concatenate([x3, x3_samfeats], axis=-1))
+        x3_cat = self.concat23.concat_call([x3, x3_samfeats])
         x3_cat = self.stage3_orsnet(x3_cat, feat2, res2)
         stage3_img = self.tail(x3_cat)
         return [stage3_img + x3_img, stage2_img, stage1_img]

@@ -302,9 +302,9 @@ class SNRNet(nnx.Module):
         fea = fea_global * (1 - mask_q) + fea_light * mask_q
 
         out = self.recon_trunk(fea)
-        out = lrelu(layers.pixel_shuffle(self.upconv1(jnp.concatenate([out, f3], -1)), 2))
-        out = lrelu(layers.pixel_shuffle(self.upconv2(jnp.concatenate([out, f2], -1)), 2))
-        out = lrelu(self.HRconv(jnp.concatenate([out, f1], -1)))
+        out = lrelu(layers.pixel_shuffle(self.upconv1.concat_call([out, f3]), 2))
+        out = lrelu(layers.pixel_shuffle(self.upconv2.concat_call([out, f2]), 2))
+        out = lrelu(self.HRconv.concat_call([out, f1]))
         return self.conv_last(out) + x
 
     @staticmethod

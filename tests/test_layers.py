@@ -1,0 +1,57 @@
+"""Shared layers checked against torch directly (the model tests cover them inside the networks)."""
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import jax
+import jax.numpy as jnp
+from flaxrestore import layers
+
+
+def _nchw(a):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))
+
+
+@pytest.mark.parametrize("kernel_size,stride,sizes", [(3, 1, (5, 3)), (3, 2, (4, 4, 2)),
+                                                      (1, 1, (6, 2))])
+def test_conv_concat_call_matches_torch_cat_conv(kernel_size, stride, sizes):
+    """concat_call([a, b, ...]) is torch's conv(cat([a, b, ...], 1)): output and gradients."""
+    rng = np.random.default_rng(0)
+    cin, cout = sum(sizes), 7
+    conv = layers.Conv2d(cin, cout, kernel_size, stride, kernel_size // 2, rngs=nnx.Rngs(0))
+    xs = [rng.standard_normal((2, 9, 11, c)).astype(np.float32) for c in sizes]
+    dy_shape = conv(jnp.concatenate(xs, -1)).shape
+    dy = rng.standard_normal(dy_shape).astype(np.float32)
+
+    graphdef, state = nnx.split(conv)
+
+    def f(state, *pieces):
+        return jnp.sum(nnx.merge(graphdef, state).concat_call(pieces) * dy)
+
+    kernel, bias = conv.kernel[...], conv.bias[...]
+    y = conv.concat_call([jnp.asarray(x) for x in xs])
+    g_state, *g_xs = jax.grad(f, argnums=tuple(range(1 + len(xs))))(state, *map(jnp.asarray, xs))
+    grads = [g_state["kernel"][...], g_state["bias"][...], *g_xs]
+
+    tw = torch.from_numpy(np.asarray(kernel).transpose(3, 2, 0, 1).copy()).requires_grad_()
+    tb = torch.from_numpy(np.asarray(bias).copy()).requires_grad_()
+    txs = [_nchw(x).requires_grad_() for x in xs]
+    ty = torch.nn.functional.conv2d(torch.cat(txs, 1), tw, tb, stride, kernel_size // 2)
+    (ty * _nchw(dy)).sum().backward()
+
+    np.testing.assert_allclose(np.asarray(y), ty.detach().numpy().transpose(0, 2, 3, 1),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(grads[0]), tw.grad.numpy().transpose(2, 3, 1, 0),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(grads[1]), tb.grad.numpy(), rtol=1e-4, atol=1e-4)
+    for g, tx in zip(grads[2:], txs):
+        np.testing.assert_allclose(np.asarray(g), tx.grad.numpy().transpose(0, 2, 3, 1),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_conv_concat_call_rejects_wrong_channel_total():
+    conv = layers.Conv2d(6, 4, 3, padding=1, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"\[4, 3\].*sum 7.*6 input channels"):
+        conv.concat_call([jnp.zeros((1, 5, 5, 4)), jnp.zeros((1, 5, 5, 3))])
