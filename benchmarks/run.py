@@ -43,6 +43,7 @@ import datetime
 import gc
 import os
 import platform
+import re
 import statistics
 import sys
 import threading
@@ -129,6 +130,10 @@ def peak_rss_increase(fn) -> int:
 
 
 def timed(fn) -> float:
+    # return the previous call's freed memory to the OS first (untimed): without it glibc keeps
+    # torch's freed activations and XLA's temporaries both resident, and Restormer's training
+    # step (13.8 GB of XLA temporaries at 4x128x128) ran out of the 24 GB machine's memory
+    _trim()
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
@@ -420,6 +425,7 @@ def bench_train(name: str, ref: torch.nn.Module, net: nnx.Module, batch: int, re
         ref_cl = copy.deepcopy(ref).to(memory_format=torch.channels_last)
         fns["torch_cl"] = make_torch_step(ref_cl, True)
     l_flax = float(flax_step()["loss"])
+    _trim()
     l_torch = float(fns["torch"]().detach())
     print(f"  train: first loss flax {l_flax:.5g} torch {l_torch:.5g}", flush=True)
     times = interleaved(fns, repeats, f"train {patch}")
@@ -468,26 +474,74 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+_RUN_LINE = re.compile(r"^\* (\d{4}-\d\d-\d\d \d\d:\d\d), load ([\d./]+): `([^`]*)`")
+_STARTED = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")  # names this run in the report
+_ROW_LINE = re.compile(r"^\| ([^|]+?) \| ((?:forward|train) [^|]+?) \| ")
+
+
+def _previous_report(path: str) -> tuple[list[str], dict[tuple[str, str], str], list[str]]:
+    """(run lines, table rows by (model, measurement), failure lines) of an earlier report."""
+    runs, rows, failures = [], {}, []
+    if not os.path.exists(path):
+        return runs, rows, failures
+    with open(path) as f:
+        for line in f.read().splitlines():
+            if _RUN_LINE.match(line):
+                runs.append(line)
+            elif (m := _ROW_LINE.match(line)):
+                rows[(m.group(1), m.group(2))] = line
+            elif line.startswith("* ") and " FAILED: " in line:
+                failures.append(line)
+    return runs, rows, failures
+
+
 def write_markdown(path: str, rows: list[Row], args, argv: list[str],
-                   failures: list[str] = ()) -> None:
+                   failures: list[str] = (), merge: bool = False) -> None:
+    """Writes the report. With ``merge``, rows of an earlier report at ``path`` that this run did
+    not measure are kept (a row measured again is replaced), and the list of runs grows."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    load = "/".join(f"{v:.1f}" for v in os.getloadavg())
+    command = f"python benchmarks/run.py {' '.join(argv)}"
+    this_run = f"* {_STARTED}, load {load}: `{command}`"
+    runs, old_rows, old_failures = _previous_report(path) if merge else ([], {}, [])
+    # the report is rewritten after every measurement: this run's own earlier line is replaced
+    runs = [ln for ln in runs if _RUN_LINE.match(ln).group(1, 3) != (_STARTED, command)]
+    new_lines = table(rows).splitlines()
+    header, new_rows = new_lines[:2], new_lines[2:]
+    by_key = dict(old_rows)
+    for r, line in zip(rows, new_rows):
+        by_key[(r.model, r.what)] = line
+    order = {n: i for i, n in enumerate(
+        n for fam in FAMILIES for n in models.names(fam))}
+
+    def sort_key(key):
+        model, what = key
+        kind, _, rest = what.partition(" ")
+        size = int(rest.split("x")[0]) if rest[:1].isdigit() else 0
+        return (order.get(model, len(order)), kind != "forward", size, what)
+
+    all_rows = [by_key[k] for k in sorted(by_key, key=sort_key)]
+    fail_lines = [ln for ln in old_failures if not any(ln.startswith(f"* {r.model} ")
+                                                       for r in rows)]
+    fail_lines += [f"* {f_}" for f_ in failures]
     text = f"""# Benchmarks: Flax vs the torch reference
 
-Written by `benchmarks/run.py` on {when}:
-
-    python benchmarks/run.py {' '.join(argv)}
-
 Machine: {machine()}.
-Load average (1/5/15 min) when the report was written: {"/".join(f"{v:.1f}" for v in os.getloadavg())}
-(above the core count, other processes competed for the CPU; torch's OpenMP threads lose much
-more to such contention than XLA's thread pool, so ratios measured under load favour Flax).
+
+Runs that produced the rows below (date, load average over 1/5/15 min when the report was
+written, command); `--merge` adds a run's rows to the earlier ones:
+
+{chr(10).join(runs + [this_run])}
+
+A load above the core count means other processes competed for the CPU; torch's OpenMP threads
+lose much more to such contention than XLA's thread pool, so ratios measured under load favour
+Flax.
 
 float32; forward at batch 1 (Flax jitted, timed after compiling; torch eager under no_grad, NCHW
 as the originals run, and channels-last); training step (forward + backward + optimizer) at
-batch {args.train_batch} and the recipe's first patch size (Flax: the trainer's jitted step;
-torch: the reference module, the same loss and optimizer, eager NCHW). Medians of
-{args.repeats} interleaved rounds (training: {args.train_repeats}) after one warm-up call each.
+batch 4 (`--train-batch`) and the recipe's first patch size (Flax: the trainer's jitted step;
+torch: the reference module, the same loss and optimizer, eager NCHW). Medians of interleaved
+rounds (`--repeats`, `--train-repeats`) after one warm-up call each.
 **Flax / torch** is Flax over torch NCHW eager; below 1 Flax is faster. Compile: lowering + XLA
 compile of that program (once per shape). Peak +RSS: the largest resident-set increase sampled
 during one extra call above the resident set before it (a lower bound on the working set:
@@ -496,10 +550,10 @@ the temporaries of the compiled Flax program from XLA's buffer assignment. Max d
 |Flax - torch| of the forward output with the same weights; first loss: the training loss of the
 first step on each side.
 
-{table(rows)}
+{chr(10).join(header + all_rows)}
 """
-    if failures:
-        text += "\nFailed measurements:\n\n" + "\n".join(f"* {f}" for f in failures) + "\n"
+    if fail_lines:
+        text += "\nFailed measurements:\n\n" + "\n".join(fail_lines) + "\n"
     with open(path, "w") as f:
         f.write(text)
 
@@ -526,6 +580,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     p.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.md"),
                    help="markdown report ('' to skip)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the rows of an earlier report at --out that this run does not "
+                        "measure again (one table from several runs)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     names = resolve(args.models)
@@ -552,14 +609,14 @@ def main(argv=None) -> int:
                 print("  " + table(rows[-1:]).splitlines()[-1], flush=True)
             except Exception as e:  # noqa: BLE001 - report it and go on with the next one
                 print(f"  {what} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                failures.append(f"{name} {what}: {type(e).__name__}: {str(e)[:200]}")
+                failures.append(f"{name} {what} FAILED: {type(e).__name__}: {str(e)[:200]}")
             if args.out:  # written after every measurement, so a long run leaves partial results
-                write_markdown(args.out, rows, args, argv, failures)
+                write_markdown(args.out, rows, args, argv, failures, args.merge)
         del ref, net
         gc.collect()
     print(table(rows))
     if args.out:
-        write_markdown(args.out, rows, args, argv, failures)
+        write_markdown(args.out, rows, args, argv, failures, args.merge)
     for f in failures:
         print("FAILED:", f)
     return 1 if failures else 0
