@@ -495,7 +495,7 @@ def _previous_report(path: str) -> tuple[list[str], dict[tuple[str, str], str], 
     return runs, rows, failures
 
 
-def write_markdown(path: str, rows: list[Row], args, argv: list[str],
+def write_markdown(path: str, rows: list[Row], argv: list[str],
                    failures: list[str] = (), merge: bool = False) -> None:
     """Writes the report. With ``merge``, rows of an earlier report at ``path`` that this run did
     not measure are kept (a row measured again is replaced), and the list of runs grows."""
@@ -611,12 +611,12 @@ def main(argv=None) -> int:
                 print(f"  {what} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 failures.append(f"{name} {what} FAILED: {type(e).__name__}: {str(e)[:200]}")
             if args.out:  # written after every measurement, so a long run leaves partial results
-                write_markdown(args.out, rows, args, argv, failures, args.merge)
+                write_markdown(args.out, rows, argv, failures, args.merge)
         del ref, net
         gc.collect()
     print(table(rows))
     if args.out:
-        write_markdown(args.out, rows, args, argv, failures, args.merge)
+        write_markdown(args.out, rows, argv, failures, args.merge)
     for f in failures:
         print("FAILED:", f)
     return 1 if failures else 0

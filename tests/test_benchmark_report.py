@@ -1,6 +1,5 @@
 """benchmarks/run.py's report: several runs merged into one table (no timing here)."""
 
-import argparse
 import importlib.util
 import os
 import sys
@@ -26,14 +25,13 @@ def _row(bench, model, what, flax, torch_s):
 
 def test_merge_keeps_earlier_rows_and_replaces_remeasured(bench, tmp_path):
     out = str(tmp_path / "b.md")
-    args = argparse.Namespace()
     bench.write_markdown(out, [_row(bench, "snr", "forward 256x256", 1.0, 2.0),
                                _row(bench, "snr", "train 128x128 x4", 3.0, 2.0)],
-                         args, ["--models", "snr"], ["snr forward 512x512 FAILED: E: boom"])
+                         ["--models", "snr"], ["snr forward 512x512 FAILED: E: boom"])
     bench.write_markdown(out, [_row(bench, "restormer:motion_deblurring", "forward 256x256",
                                     4.0, 8.0),
                                _row(bench, "snr", "train 128x128 x4", 1.0, 2.0)],
-                         args, ["--models", "restormer", "snr", "--merge"], [], merge=True)
+                         ["--models", "restormer", "snr", "--merge"], [], merge=True)
     text = open(out).read()
     rows = [ln for ln in text.splitlines() if ln.startswith("| ") and "**" in ln]
     assert [r.split(" | ")[:2] for r in rows] == [
@@ -44,9 +42,9 @@ def test_merge_keeps_earlier_rows_and_replaces_remeasured(bench, tmp_path):
     assert "FAILED" not in text  # snr was measured again, its old failure line is dropped
     # a run rewrites the report after each measurement: still one line for it
     bench.write_markdown(out, [_row(bench, "snr", "train 128x128 x4", 1.0, 2.0)],
-                         args, ["--models", "restormer", "snr", "--merge"], [], merge=True)
+                         ["--models", "restormer", "snr", "--merge"], [], merge=True)
     assert open(out).read().count("`python benchmarks/run.py --models") == 2
 
-    bench.write_markdown(out, [_row(bench, "snr", "forward 256x256", 1.0, 1.0)], args, ["x"], [])
+    bench.write_markdown(out, [_row(bench, "snr", "forward 256x256", 1.0, 1.0)], ["x"], [])
     text = open(out).read()
     assert text.count("`python benchmarks/run.py") == 1 and "restormer" not in text
