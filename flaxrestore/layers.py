@@ -215,6 +215,23 @@ def _conv2d_cpu_bwd(stride, padding, dilation, groups, res, dy):
 conv2d_cpu.defvjp(_conv2d_cpu_fwd, _conv2d_cpu_bwd)
 
 
+def materialize(x: jax.Array) -> jax.Array:
+    """``x`` unchanged, but computed into its own buffer on CPU (elsewhere: ``x`` itself).
+
+    XLA:CPU fuses cheap elementwise producers into every consumer, and it strips
+    ``optimization_barrier``. A chain of residual adds (x + f(x) + g(...) ...) is then never
+    stored: each consumer - above all the transposes the backward inserts for weight gradients -
+    re-computes the whole chain (SNR-Aware's 6-layer transformer: its gradient took 1.2 s with
+    this, 0.55 s without). A dot with an 8x8 identity is not fused and costs a memory pass.
+    Exact for finite values (x * 1 + 0 * y); an inf in a row of 8 turns that row into NaN.
+    """
+    if jax.default_backend() != "cpu" or x.size % 8:
+        return x
+    eye = jnp.eye(8, dtype=x.dtype)
+    y = jnp.dot(x.reshape(-1, 8), eye, precision=jax.lax.Precision.HIGHEST)
+    return y.reshape(x.shape)
+
+
 def matmul_channels(x, kernel2d):
     """x (..., C) @ kernel (C, O) as one 2-D matmul: XLA:CPU runs the gradient of a matmul that
     contracts several leading axes (the kernel gradient of a 4-D x) about 3x slower."""

@@ -55,3 +55,31 @@ def test_conv_concat_call_rejects_wrong_channel_total():
     conv = layers.Conv2d(6, 4, 3, padding=1, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"\[4, 3\].*sum 7.*6 input channels"):
         conv.concat_call([jnp.zeros((1, 5, 5, 4)), jnp.zeros((1, 5, 5, 3))])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(4, 64, 32), (3, 5, 7)])
+def test_materialize_is_an_exact_identity(dtype, shape):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(shape) * 1e3, dtype)
+    x = x.at[(0,) * len(shape)].set(0.0).at[(1,) * len(shape)].set(-1e-30)  # zero, denormal
+    y = jax.jit(layers.materialize)(x)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)),
+                                  np.asarray(x.astype(jnp.float32)))
+    g = jax.grad(lambda v: jnp.sum(layers.materialize(v).astype(jnp.float32) * 3.0))(x)
+    np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)), 3.0)
+
+
+def test_materialize_stores_a_fused_chain_on_cpu():
+    """On CPU the value is computed once into a buffer: the optimized HLO has the dot."""
+    def f(a, b):
+        s = layers.materialize(a + b * 2.0)
+        return s.T @ b, s @ b.T
+
+    a = jnp.ones((64, 32))
+    hlo = jax.jit(f).lower(a, a).compile().as_text()
+    n_dots = hlo.count(" dot(") + hlo.count("__ynn_fusion")
+    if jax.default_backend() == "cpu":
+        assert "f32[256,8]" in hlo  # the identity dot over rows of 8
+    assert n_dots >= 2

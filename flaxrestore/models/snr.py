@@ -170,7 +170,7 @@ class MultiHeadAttention(nnx.Module):
                                jnp.asarray(MASK_FILL, logits.dtype))
         attn = jax.nn.softmax(logits, axis=-1)
         out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, self.n_head * self.d_v)
-        return self.fc(out) + x
+        return layers.materialize(self.fc(out) + x)  # see layers.materialize
 
 
 class PositionwiseFeedForward(nnx.Module):
@@ -182,7 +182,7 @@ class PositionwiseFeedForward(nnx.Module):
         self.layer_norm = layers.ChannelLayerNorm(d_in, eps=1e-6)
 
     def __call__(self, x):
-        return self.w_2(jax.nn.relu(self.w_1(self.layer_norm(x)))) + x
+        return layers.materialize(self.w_2(jax.nn.relu(self.w_1(self.layer_norm(x)))) + x)
 
 
 class EncoderLayer(nnx.Module):
@@ -297,7 +297,7 @@ class SNRNet(nnx.Module):
         hq, wq = fea.shape[1:3]
         # torch's legacy nearest resize by exactly 1/4 picks the top-left pixel of each 4x4 cell
         mask_q = mask[:, ::4, ::4, :].astype(fea.dtype)
-        tokens = self.transformer(patches_to_tokens(fea), patch_key_valid(mask_q))
+        tokens = self.transformer(layers.materialize(patches_to_tokens(fea)), patch_key_valid(mask_q))
         fea_global = tokens_to_patches(tokens, hq, wq)
         fea = fea_global * (1 - mask_q) + fea_light * mask_q
 
