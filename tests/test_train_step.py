@@ -202,3 +202,21 @@ def test_tensorboard_event_file(tmp_path):
     assert struct.pack("<f", 0.25) in rec and struct.pack("<f", 31.5) in rec
     wall = struct.unpack("<d", rec[1:9])[0]
     assert abs(wall - __import__("time").time()) < 600
+
+
+def test_grad_global_norm_matches_numpy_and_optax():
+    import optax
+
+    rng = np.random.default_rng(3)
+    tree = {"a": rng.standard_normal((3, 5)).astype(np.float32) * 100,
+            "b": [rng.standard_normal(7).astype(np.float32), np.float32(2.5)],
+            "c": {"k": rng.standard_normal((2, 2, 4, 6)).astype(np.float32) * 1e-3}}
+    expected = np.sqrt(sum(np.sum(np.asarray(v, np.float64) ** 2)
+                           for v in jax.tree.leaves(tree)))
+    got = jax.jit(step_lib.grad_global_norm)(jax.tree.map(jnp.asarray, tree))
+    assert got.dtype == jnp.float32 and got.shape == ()
+    np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+    np.testing.assert_allclose(float(got), float(optax.global_norm(tree)), rtol=1e-6)
+    assert float(step_lib.grad_global_norm({})) == 0.0
+    inf_tree = {"a": jnp.array([1.0, jnp.inf])}
+    assert not np.isfinite(float(step_lib.grad_global_norm(inf_tree)))
