@@ -10,6 +10,7 @@ Every other parameter keeps the torch attribute name.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Sequence
@@ -230,6 +231,81 @@ def materialize(x: jax.Array) -> jax.Array:
     eye = jnp.eye(8, dtype=x.dtype)
     y = jnp.dot(x.reshape(-1, 8), eye, precision=jax.lax.Precision.HIGHEST)
     return y.reshape(x.shape)
+
+
+_REMAT = {"on": False}
+
+
+@contextlib.contextmanager
+def rematerialize(enabled: bool = True):
+    """While tracing inside this context, blocks called through :func:`checkpoint_call`
+    (Restormer's TransformerBlock, MPRNet's CAB) keep only their inputs for the backward pass and
+    recompute their activations there: less memory for about one more forward pass of compute.
+    The trainer turns it on with the recipe field ``remat``. On CPU (measured): MPRNet's
+    gradient at 2x128x128 needs 1.9 GB of XLA temporaries instead of 2.8 GB; Restormer's does
+    not drop, its peak lies inside the backward pass."""
+    previous = _REMAT["on"]
+    _REMAT["on"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _REMAT["on"] = previous
+
+
+def _distinct_copy(x: jax.Array, after: jax.Array) -> jax.Array:
+    """``x`` through a dot with a small identity (exact for finite values): a value XLA cannot
+    prove equal to ``x``, so a recomputation from it is not merged with the original. The
+    identity is scaled by ``1 + 0 * after[0]`` so that the copy, and what is computed from it,
+    cannot be scheduled before ``after`` exists (NaN in ``after`` gives NaN)."""
+    k = next(k for k in (8, 4, 2, 1) if x.size % k == 0)
+    gate = 1 + 0 * jax.lax.stop_gradient(after).reshape(-1)[0].astype(x.dtype)
+    eye = jnp.eye(k, dtype=x.dtype) * gate
+    y = jnp.dot(x.reshape(-1, k), eye, precision=jax.lax.Precision.HIGHEST)
+    return y.reshape(x.shape)
+
+
+def _recompute_in_backward(fn):
+    """``fn(state, *args)`` saving only its arguments; the backward re-runs it (CPU form).
+
+    ``jax.checkpoint`` marks the recomputation with an optimization barrier, which XLA:CPU
+    removes, after which common-subexpression elimination merges the recomputation with the
+    forward and every activation stays alive again (measured: no memory saved). Here the
+    backward recomputes from a distinct copy of the array arguments, which nothing merges and
+    which waits for the incoming gradient.
+    """
+    @jax.custom_vjp
+    def run(state, *args):
+        return fn(state, *args)
+
+    def fwd(state, *args):
+        return fn(state, *args), (state, args)
+
+    def bwd(res, dy):
+        state, args = res
+        first = jax.tree.leaves(dy)[0]
+        args = tuple(_distinct_copy(a, first) if isinstance(a, jax.Array)
+                     and jnp.issubdtype(a.dtype, jnp.floating) else a for a in args)
+        _, vjp = jax.vjp(fn, state, *args)
+        return vjp(dy)
+
+    run.defvjp(fwd, bwd)
+    return run
+
+
+def checkpoint_call(module: nnx.Module, fn, *args):
+    """``fn(module, *args)``; inside :func:`rematerialize`, its activations are recomputed in
+    the backward pass instead of stored. ``module`` must not update its own state in ``fn``
+    (no batch statistics); ``args`` are arrays."""
+    if not _REMAT["on"]:
+        return fn(module, *args)
+    graph, state = nnx.split(module)
+
+    def pure(state, *a):
+        return fn(nnx.merge(graph, state), *a)
+
+    if jax.default_backend() == "cpu":
+        return _recompute_in_backward(pure)(state, *args)
+    return jax.checkpoint(pure)(state, *args)
 
 
 def matmul_channels(x, kernel2d):

@@ -220,3 +220,28 @@ def test_grad_global_norm_matches_numpy_and_optax():
     assert float(step_lib.grad_global_norm({})) == 0.0
     inf_tree = {"a": jnp.array([1.0, jnp.inf])}
     assert not np.isfinite(float(step_lib.grad_global_norm(inf_tree)))
+
+
+def test_remat_recipe_reaches_the_step():
+    """The recipe field turns the recomputation on in the trainer's program (values and
+    gradients with and without it: tests/test_layers.py)."""
+    import dataclasses
+
+    from train import recipe as R
+    from train import schedules
+
+    base = R.load("restormer_demo", [f"model_overrides={TINY}", "batch_size=2", "stages=()",
+                                     "data.patch_size=16"])
+    lq = np.zeros((2, 16, 16, 3), np.float32)
+    mesh = step_lib.make_mesh(jax.devices()[:1])
+    counts = []
+    for remat in (False, True):
+        recipe = dataclasses.replace(base, remat=remat)
+        model = step_lib.build_model(recipe)
+        tx = schedules.make_optimizer(recipe.optimizer)
+        state = step_lib.replicate(mesh, step_lib.init_state(model, tx, False))
+        batch = step_lib.global_batch(mesh, {"lq": lq, "gt": lq})
+        text = step_lib.make_train_step(recipe, model, tx, mesh).lower(state, batch, {}).as_text()
+        counts.append(text.count("stablehlo.dot_general"))
+    # the backward runs the block's forward again (plus the identity dot of the copy)
+    assert counts[1] > counts[0], counts

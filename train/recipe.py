@@ -93,6 +93,9 @@ class Recipe:
     ema_decay: float = 0.0
     seed: int = 0
     dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
+    # recompute block activations in the backward pass (Restormer's transformer blocks, MPRNet's
+    # CABs; flaxrestore.layers.rematerialize): less memory, about one more forward of compute
+    remat: bool = False
     # validation
     eval_every: int = 1000
     eval_crop_border: int = 0

@@ -376,7 +376,8 @@ def make_train_step(recipe: Recipe, model: ModelDef, tx: optax.GradientTransform
         def objective(params):
             p = _cast_floating(params, compute) if compute != jnp.float32 else params
             module = model.module(p, state["model_state"], train=True)
-            outs = run_forward(module, lq.astype(compute), recipe.forward, train=True)
+            with flayers.rematerialize(recipe.remat):
+                outs = run_forward(module, lq.astype(compute), recipe.forward, train=True)
             loss, parts = loss_fn(outs, gt, lq, vgg)
             _, rest = split_module(module)
             return loss, (parts, rest)

@@ -90,6 +90,9 @@ class CAB(nnx.Module):
                                conv(n_feat, n_feat, kernel_size, bias=bias, rngs=rngs))
 
     def __call__(self, x):
+        return layers.checkpoint_call(self, CAB._forward, x)
+
+    def _forward(self, x):
         return self.CA(self.body(x)) + x
 
 

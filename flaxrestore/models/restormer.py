@@ -95,6 +95,9 @@ class TransformerBlock(nnx.Module):
         self.ffn = FeedForward(dim, ffn_expansion_factor, bias, rngs=rngs)
 
     def __call__(self, x):
+        return layers.checkpoint_call(self, TransformerBlock._forward, x)
+
+    def _forward(self, x):
         x = x + self.attn(self.norm1(x))
         return x + self.ffn(self.norm2(x))
 
