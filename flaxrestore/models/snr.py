@@ -297,7 +297,8 @@ class SNRNet(nnx.Module):
         hq, wq = fea.shape[1:3]
         # torch's legacy nearest resize by exactly 1/4 picks the top-left pixel of each 4x4 cell
         mask_q = mask[:, ::4, ::4, :].astype(fea.dtype)
-        tokens = self.transformer(layers.materialize(patches_to_tokens(fea)), patch_key_valid(mask_q))
+        tokens = layers.materialize(patches_to_tokens(fea))
+        tokens = self.transformer(tokens, patch_key_valid(mask_q))
         fea_global = tokens_to_patches(tokens, hq, wq)
         fea = fea_global * (1 - mask_q) + fea_light * mask_q
 
