@@ -57,6 +57,51 @@ def test_conv_concat_call_rejects_wrong_channel_total():
         conv.concat_call([jnp.zeros((1, 5, 5, 4)), jnp.zeros((1, 5, 5, 3))])
 
 
+@pytest.mark.parametrize("cin,cout,k,stride,pad,dil,hw", [
+    (8, 3, 3, 1, 1, 1, (9, 11)),    # cout < cin: dy shifted onto x's grid, one matmul
+    (6, 6, 3, 1, 1, 1, (8, 8)),     # equal: dy side
+    (3, 8, 3, 1, 1, 1, (10, 7)),    # cin < cout: x's windows, one matmul
+    (5, 4, 3, 1, 2, 2, (9, 9)),     # dilation with padding 2 (DarkIR-style), dy side
+    (4, 6, 5, 1, 0, 1, (12, 10)),   # no padding, 5x5: output smaller than x, x side
+    (6, 4, 3, 1, 0, 1, (7, 9)),     # no padding, dy side (negative shifts crop)
+    (4, 5, 3, 1, 3, 1, (6, 6)),     # padding > kernel//2: output larger than x
+    (4, 6, 3, 2, 1, 1, (9, 10)),    # stride 2: per-tap matmuls
+])
+def test_conv_gradients_match_torch(cin, cout, k, stride, pad, dil, hw):
+    """Conv2d's CPU backward (input gradient + the kernel gradient as matmuls, every path of
+    layers.conv_kernel_grad) against torch autograd."""
+    rng = np.random.default_rng(1)
+    conv = layers.Conv2d(cin, cout, k, stride, pad, dil, rngs=nnx.Rngs(0))
+    x = rng.standard_normal((2, *hw, cin)).astype(np.float32)
+    dy = rng.standard_normal(conv(jnp.asarray(x)).shape).astype(np.float32)
+    graphdef, state = nnx.split(conv)
+    g_state, g_x = jax.grad(lambda st, x: jnp.sum(nnx.merge(graphdef, st)(x) * dy), (0, 1))(
+        state, jnp.asarray(x))
+
+    tw = torch.from_numpy(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1).copy())
+    tw.requires_grad_()
+    tx = _nchw(x).requires_grad_()
+    ty = torch.nn.functional.conv2d(tx, tw, torch.from_numpy(np.array(conv.bias[...])), stride,
+                                    pad, dil)
+    (ty * _nchw(dy)).sum().backward()
+    np.testing.assert_allclose(np.asarray(g_state["kernel"][...]),
+                               tw.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g_x), tx.grad.numpy().transpose(0, 2, 3, 1),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_conv_kernel_grad_paths_agree_with_taps():
+    """The one-matmul kernel gradients equal the per-tap ones on sizes where both are used."""
+    rng = np.random.default_rng(2)
+    for cin, cout in [(16, 3), (3, 16), (8, 8)]:
+        x = jnp.asarray(rng.standard_normal((2, 13, 12, cin)), jnp.float32)
+        dy = jnp.asarray(rng.standard_normal((2, 13, 12, cout)), jnp.float32)
+        shape = (3, 3, cin, cout)
+        a = layers.conv_kernel_grad(x, dy, shape, padding=(1, 1))
+        b = layers.conv_kernel_grad_taps(x, dy, shape, padding=(1, 1))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(4, 64, 32), (3, 5, 7)])
 def test_materialize_is_an_exact_identity(dtype, shape):
