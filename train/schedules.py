@@ -187,6 +187,24 @@ def learning_rate(cfg: OptimizerConfig) -> Schedule:
     return cfg.schedule.build(cfg.lr)
 
 
+def global_norm(tree) -> jax.Array:
+    """The L2 norm of all leaves together (``optax.global_norm``).
+
+    On CPU it is taken over one flat vector of every leaf: with one reduction per leaf,
+    XLA:CPU's memory scheduler kept activation cotangents alive far longer (MPRNet's training
+    step at 256x256 x1: 8.2 GB of XLA temporaries instead of 5.7 GB; the flat vector costs one
+    copy of the gradients). Elsewhere optax's per-leaf form.
+    """
+    if jax.default_backend() != "cpu":
+        return optax.global_norm(tree)
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)  # float64 stays float64
+    flat = jnp.concatenate([jnp.ravel(g).astype(dtype) for g in leaves])
+    return jnp.sqrt(jnp.vdot(flat, flat))
+
+
 def clip_grad_norm_torch(max_norm: float) -> optax.GradientTransformation:
     """torch's ``clip_grad_norm_``: scale by ``min(1, max_norm / (norm + 1e-6))`` (optax's
     ``clip_by_global_norm`` has no 1e-6, which matters at Restormer's max_norm of 0.01)."""
@@ -197,7 +215,7 @@ def clip_grad_norm_torch(max_norm: float) -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         del params
-        norm = optax.global_norm(updates)
+        norm = global_norm(updates)
         scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
         return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
 

@@ -335,21 +335,8 @@ def _tree_select(ok, new, old):
     return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
-def grad_global_norm(grads) -> jax.Array:
-    """The L2 norm of all gradients together (``optax.global_norm``).
-
-    On CPU it is taken over one flat vector of every gradient: with one reduction per leaf,
-    XLA:CPU's memory scheduler kept activation cotangents alive far longer (MPRNet's training
-    step at 256x256 x1: 8.2 GB of XLA temporaries instead of 5.7 GB; the flat vector costs one
-    copy of the gradients). Elsewhere optax's per-leaf form.
-    """
-    if jax.default_backend() != "cpu":
-        return optax.global_norm(grads)
-    leaves = [jnp.ravel(g).astype(jnp.float32) for g in jax.tree.leaves(grads)]
-    if not leaves:
-        return jnp.zeros((), jnp.float32)
-    flat = jnp.concatenate(leaves)
-    return jnp.sqrt(jnp.vdot(flat, flat))
+# the gradient norm of the metrics and of the finite check (flat on CPU; see schedules)
+grad_global_norm = schedules.global_norm
 
 
 def make_train_step(recipe: Recipe, model: ModelDef, tx: optax.GradientTransformation, mesh,
