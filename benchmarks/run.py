@@ -338,7 +338,7 @@ def torch_optimizer(cfg, params):
 
 
 def bench_train(name: str, ref: torch.nn.Module, net: nnx.Module, batch: int, repeats: int,
-                channels_last: bool, memory: bool) -> Row:
+                channels_last: bool, memory: bool, remat: bool = False) -> Row:
     import copy
 
     from porting.reference.vgg import VGG19Features
@@ -347,7 +347,7 @@ def bench_train(name: str, ref: torch.nn.Module, net: nnx.Module, batch: int, re
 
     spec, recipe = recipe_for(name)
     patch = recipe.stage_at(1).patch_size or int(recipe.data.get("patch_size") or 256)
-    recipe = dataclasses.replace(recipe, batch_size=batch, stages=())
+    recipe = dataclasses.replace(recipe, batch_size=batch, stages=(), remat=remat)
     rng = np.random.default_rng(0)
     arrays = models.entry(name).cls.example_inputs(models.get_config(name), batch, patch, patch,
                                                    rng)
@@ -434,7 +434,8 @@ def bench_train(name: str, ref: torch.nn.Module, net: nnx.Module, batch: int, re
         flax_mem = peak_rss_increase(flax_step)
         torch_mem = peak_rss_increase(fns["torch"])
     med = {k: statistics.median(v) for k, v in times.items()}
-    return Row(name, f"train {patch}x{patch} x{batch}", med["flax"], med["torch"],
+    what = f"train {patch}x{patch} x{batch}" + (" remat" if remat else "")
+    return Row(name, what, med["flax"], med["torch"],
                med.get("torch_cl"), compile_s, flax_mem, torch_mem, xla_temp,
                note=f"{spec}, first loss {l_flax:.4g} / {l_torch:.4g}")
 
@@ -577,6 +578,9 @@ def main(argv=None) -> int:
     p.add_argument("--train-channels-last", action="store_true",
                    help="also time a channels-last torch training step")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
+    p.add_argument("--remat", action="store_true",
+                   help="Flax training step with the recipe's remat=True (recompute blocks in "
+                        "the backward: less memory; the torch step is unchanged)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     p.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.md"),
                    help="markdown report ('' to skip)")
@@ -602,7 +606,7 @@ def main(argv=None) -> int:
         if not args.no_train:
             jobs.append(("train", lambda: bench_train(
                 name, ref, net, args.train_batch, args.train_repeats, args.train_channels_last,
-                not args.no_memory)))
+                not args.no_memory, args.remat)))
         for what, job in jobs:
             try:
                 rows.append(job())
