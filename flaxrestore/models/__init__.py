@@ -77,7 +77,10 @@ def entry(name: str) -> Entry:
         fam = [e for e in _REGISTRY.values() if e.family == name]
         if len(fam) == 1:
             return fam[0]
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.4)
+        if fam:  # a family with several variants: name them all
+            close = sorted(e.name for e in fam)
+        else:
+            close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.4)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise KeyError(f"unknown model {name!r}.{hint} Known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
