@@ -206,16 +206,20 @@ def conv_kernel_grad(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), dilatio
     shifted windows if it has fewer channels than dy, else dy shifted onto x's grid) and the
     gradient is ONE matmul with the other side as it is; this replaces kh*kw matmuls whose
     outputs are as narrow as the channel counts (measured on the 2-core machine, 4x128x128
-    64->3: 157 ms as taps, 16 ms so; 4x32x32 64->64: 12.5 -> 9.4 ms). Strided, grouped or large
-    cases use :func:`conv_kernel_grad_taps`.
+    64->3: 157 ms as taps, 16 ms so; 4x32x32 64->64: 12.5 -> 9.4 ms). Strided or grouped convs,
+    and those whose copies would exceed 32 MB with both sides of similar width, use
+    :func:`conv_kernel_grad_taps`.
     """
     kh, kw, cin_g, cout = kernel_shape
     n, ho, wo, _ = dy.shape
     c = x.shape[-1]
     narrow = min(c, cout)
     copies = kh * kw * n * x.shape[1] * x.shape[2] * narrow * x.dtype.itemsize
+    # a side 8x narrower than the other: the taps would copy 8x more (AECR-Net's 7x7 64->3 at
+    # 4x240x240: 1.7 s as taps, 0.95 s so), worth the copies held at once
+    lopsided = 8 * narrow <= max(c, cout)
     if (tuple(stride) != (1, 1) or groups != 1 or kh * kw == 1
-            or copies > _IM2COL_MAX_BYTES):
+            or (copies > _IM2COL_MAX_BYTES and not lopsided)):
         return conv_kernel_grad_taps(x, dy, kernel_shape, stride, padding, dilation, groups)
     ph, pw = padding
     dh, dw = dilation
