@@ -193,8 +193,9 @@ def conv_kernel_grad_taps(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), di
     return jnp.stack(taps).reshape(kernel_shape)
 
 
-# shifted copies of the narrower side (9x its size for a 3x3 kernel) up to this size: beyond it
-# the copies cost more than the single matmul saves (4x128x128, 64->64: equal on the 2-core machine)
+# shifted copies of the narrower side (9x its size for a 3x3 kernel), all held at once, up to
+# this size when both sides have similar widths (4x128x128, 64->64, 151 MB of copies: no faster
+# than the taps on the 2-core machine)
 _IM2COL_MAX_BYTES = 32 << 20
 
 
@@ -216,7 +217,7 @@ def conv_kernel_grad(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), dilatio
     narrow = min(c, cout)
     copies = kh * kw * n * x.shape[1] * x.shape[2] * narrow * x.dtype.itemsize
     # a side 8x narrower than the other: the taps would copy 8x more (AECR-Net's 7x7 64->3 at
-    # 4x240x240: 1.7 s as taps, 0.95 s so), worth the copies held at once
+    # 4x240x240: 1677 ms as taps, 183 ms so, with 135 MB of copies held at once)
     lopsided = 8 * narrow <= max(c, cout)
     if (tuple(stride) != (1, 1) or groups != 1 or kh * kw == 1
             or (copies > _IM2COL_MAX_BYTES and not lopsided)):
