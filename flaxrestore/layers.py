@@ -194,9 +194,11 @@ def conv_kernel_grad_taps(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), di
 
 
 # shifted copies of the narrower side (9x its size for a 3x3 kernel), all held at once, up to
-# this size when both sides have similar widths (4x128x128, 64->64, 151 MB of copies: no faster
-# than the taps on the 2-core machine)
-_IM2COL_MAX_BYTES = 32 << 20
+# this size when both sides have similar widths. Trainer step time with this limit / with 32 MB
+# (in-process A/B, 2-core machine): SNR-Aware 0.93-0.97 (+103 MiB of XLA temporaries),
+# DarkIR-m 0.93 (same memory), AECR-Net 1.00, Restormer 0.96-1.01 (noise); MPRNet's convs
+# (226 MB and more at its patch sizes) keep the taps
+_IM2COL_MAX_BYTES = 160 << 20
 
 
 def conv_kernel_grad(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
@@ -208,7 +210,7 @@ def conv_kernel_grad(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), dilatio
     gradient is ONE matmul with the other side as it is; this replaces kh*kw matmuls whose
     outputs are as narrow as the channel counts (measured on the 2-core machine, 4x128x128
     64->3: 157 ms as taps, 16 ms so; 4x32x32 64->64: 12.5 -> 9.4 ms). Strided or grouped convs,
-    and those whose copies would exceed 32 MB with both sides of similar width, use
+    and those whose copies would exceed 160 MB with both sides of similar width, use
     :func:`conv_kernel_grad_taps`.
     """
     kh, kw, cin_g, cout = kernel_shape
