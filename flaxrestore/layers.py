@@ -166,30 +166,38 @@ def _conv_lib(x, kernel, stride, padding, dilation, groups):
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
 
 
+def _x_windows(x, kernel_hw, out_hw, stride, padding, dilation):
+    """The kh*kw windows of zero-padded x that tap (i, j) of a conv reads, each (n, ho, wo, c),
+    in (i, j) row-major order."""
+    kh, kw = kernel_hw
+    ho, wo = out_hw
+    sh, sw = stride
+    ph, pw = padding
+    dh, dw = dilation
+    xp = _zero_pad_hw(x, ph, ph, pw, pw)
+    n, c = xp.shape[0], xp.shape[-1]
+    return [jax.lax.slice(xp, (0, i * dh, j * dw, 0),
+                          (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
+                          (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+
+
 def conv_kernel_grad_taps(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
                           groups: int = 1):
     """The kernel gradient of a zero-padded conv (NHWC / HWIO) as one 2-D matmul per tap:
     dkernel[i, j] = (strided (i, j)-shifted padded x)^T @ dy over batch and space."""
     kh, kw, cin_g, cout = kernel_shape
-    sh, sw = stride
-    ph, pw = padding
-    dh, dw = dilation
-    n, ho, wo, _ = dy.shape
-    xp = _zero_pad_hw(x, ph, ph, pw, pw)
-    c = xp.shape[-1]
+    c = x.shape[-1]
     dy2 = dy.reshape(-1, cout)
     taps = []
-    for i in range(kh):
-        for j in range(kw):
-            xs = jax.lax.slice(xp, (0, i * dh, j * dw, 0),
-                               (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
-                               (1, sh, sw, 1)).reshape(-1, c)
-            if groups == 1:
-                taps.append(xs.T @ dy2)
-            else:
-                g = jnp.einsum("mgc,mgo->cgo", xs.reshape(-1, groups, cin_g),
-                               dy2.reshape(-1, groups, cout // groups))
-                taps.append(g.reshape(cin_g, cout))
+    for win in _x_windows(x, (kh, kw), dy.shape[1:3], stride, padding, dilation):
+        xs = win.reshape(-1, c)
+        if groups == 1:
+            taps.append(xs.T @ dy2)
+        else:
+            g = jnp.einsum("mgc,mgo->cgo", xs.reshape(-1, groups, cin_g),
+                           dy2.reshape(-1, groups, cout // groups))
+            taps.append(g.reshape(cin_g, cout))
     return jnp.stack(taps).reshape(kernel_shape)
 
 
@@ -213,7 +221,7 @@ def conv_kernel_grad(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), dilatio
     and those whose copies would exceed 160 MB with both sides of similar width, use
     :func:`conv_kernel_grad_taps`.
     """
-    kh, kw, cin_g, cout = kernel_shape
+    kh, kw, _, cout = kernel_shape
     n, ho, wo, _ = dy.shape
     c = x.shape[-1]
     narrow = min(c, cout)
@@ -241,9 +249,7 @@ def conv_kernel_grad(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), dilatio
         g = x.reshape(-1, c).T @ cols  # (c, kh*kw*cout)
         return g.reshape(c, kh, kw, cout).transpose(1, 2, 0, 3)
     # dkernel[i, j] = (x's (i, j)-shifted window)^T @ dy, all taps in one matmul
-    xp = _zero_pad_hw(x, ph, ph, pw, pw)
-    cols = jnp.concatenate([xp[:, i * dh:i * dh + ho, j * dw:j * dw + wo, :]
-                            for i in range(kh) for j in range(kw)], axis=-1)
+    cols = jnp.concatenate(_x_windows(x, (kh, kw), (ho, wo), stride, padding, dilation), axis=-1)
     g = cols.reshape(-1, kh * kw * c).T @ dy.reshape(-1, cout)  # (kh*kw*c, cout)
     return g.reshape(kh, kw, c, cout)
 
