@@ -14,12 +14,13 @@ def _nchw(a):
     return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))
 
 
-@pytest.mark.parametrize("kernel_size,stride,sizes", [(3, 1, (5, 3)), (3, 2, (4, 4, 2)),
-                                                      (1, 1, (6, 2))])
-def test_conv_concat_call_matches_torch_cat_conv(kernel_size, stride, sizes):
+@pytest.mark.parametrize("kernel_size,stride,sizes,cout", [
+    (3, 1, (5, 3), 7), (3, 2, (4, 4, 2), 7), (1, 1, (6, 2), 7),
+    (3, 1, (5, 3), layers.CONCAT_SPLIT_MAX_OUT)])  # the last: the concatenating path on CPU
+def test_conv_concat_call_matches_torch_cat_conv(kernel_size, stride, sizes, cout):
     """concat_call([a, b, ...]) is torch's conv(cat([a, b, ...], 1)): output and gradients."""
     rng = np.random.default_rng(0)
-    cin, cout = sum(sizes), 7
+    cin = sum(sizes)
     conv = layers.Conv2d(cin, cout, kernel_size, stride, kernel_size // 2, rngs=nnx.Rngs(0))
     xs = [rng.standard_normal((2, 9, 11, c)).astype(np.float32) for c in sizes]
     dy_shape = conv(jnp.concatenate(xs, -1)).shape
