@@ -501,31 +501,40 @@ _STARTED = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")  # names this run 
 _ROW_LINE = re.compile(r"^\| ([^|]+?) \| ((?:forward|train) [^|]+?) \| ")
 
 
-def _previous_report(path: str) -> tuple[list[str], dict[tuple[str, str], str], list[str]]:
-    """(run lines, table rows by (model, measurement), failure lines) of an earlier report."""
-    runs, rows, failures = [], {}, []
+def _previous_report(path: str) -> tuple[list[str], dict[tuple[str, str], str], list[str], str]:
+    """(run lines, table rows by (model, measurement), failure lines, machine) of an earlier
+    report."""
+    runs, rows, failures, mach = [], {}, [], ""
     if not os.path.exists(path):
-        return runs, rows, failures
+        return runs, rows, failures, mach
     with open(path) as f:
         for line in f.read().splitlines():
-            if _RUN_LINE.match(line):
+            if line.startswith("Machine: "):
+                mach = line[len("Machine: "):].rstrip(".")
+            elif _RUN_LINE.match(line):
                 runs.append(line)
             elif (m := _ROW_LINE.match(line)):
                 rows[(m.group(1), m.group(2))] = line
             elif line.startswith("* ") and " FAILED: " in line:
                 failures.append(line)
-    return runs, rows, failures
+    return runs, rows, failures, mach
 
 
 def write_markdown(path: str, rows: list[Row], argv: list[str],
                    failures: list[str] = (), merge: bool = False) -> None:
     """Writes the report. With ``merge``, rows of an earlier report at ``path`` that this run did
-    not measure are kept (a row measured again is replaced), and the list of runs grows."""
+    not measure are kept (a row measured again is replaced), and the list of runs grows; an
+    earlier report from another machine (its ``Machine:`` line differs) is replaced instead."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     load = "/".join(f"{v:.1f}" for v in os.getloadavg())
     command = f"python benchmarks/run.py {' '.join(argv)}"
     this_run = f"* {_STARTED}, load {load}: `{command}`"
-    runs, old_rows, old_failures = _previous_report(path) if merge else ([], {}, [])
+    runs, old_rows, old_failures, old_machine = (_previous_report(path) if merge
+                                                 else ([], {}, [], ""))
+    if old_machine and old_machine != machine():
+        print(f"--merge: {path} was measured on another machine ({old_machine}); its rows are "
+              "not merged, the report starts again", file=sys.stderr, flush=True)
+        runs, old_rows, old_failures = [], {}, []
     # the report is rewritten after every measurement: this run's own earlier line is replaced
     runs = [ln for ln in runs if _RUN_LINE.match(ln).group(1, 3) != (_STARTED, command)]
     new_lines = table(rows).splitlines()

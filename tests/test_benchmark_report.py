@@ -48,3 +48,20 @@ def test_merge_keeps_earlier_rows_and_replaces_remeasured(bench, tmp_path):
     bench.write_markdown(out, [_row(bench, "snr", "forward 256x256", 1.0, 1.0)], ["x"], [])
     text = open(out).read()
     assert text.count("`python benchmarks/run.py") == 1 and "restormer" not in text
+
+
+def test_merge_does_not_mix_machines(bench, tmp_path, monkeypatch):
+    out = str(tmp_path / "b.md")
+    monkeypatch.setattr(bench, "machine", lambda: "CPU A, 2 cores")
+    bench.write_markdown(out, [_row(bench, "snr", "forward 256x256", 1.0, 2.0)], ["a"], [])
+    bench.write_markdown(out, [_row(bench, "aecrnet", "forward 256x256", 1.0, 2.0)], ["b"], [],
+                         merge=True)
+    text = open(out).read()
+    assert "| snr |" in text and "| aecrnet |" in text  # same machine: merged
+    monkeypatch.setattr(bench, "machine", lambda: "CPU B, 2 cores")
+    bench.write_markdown(out, [_row(bench, "darkir:m", "forward 256x256", 1.0, 2.0)], ["c"], [],
+                         merge=True)
+    text = open(out).read()
+    assert "Machine: CPU B, 2 cores." in text
+    assert "| darkir:m |" in text and "| snr |" not in text and "| aecrnet |" not in text
+    assert text.count("`python benchmarks/run.py") == 1
