@@ -139,7 +139,8 @@ def _mem_total() -> int:
 
 
 # Return freed memory to the OS before a timed call only above this share of the machine's memory.
-TRIM_ABOVE = 0.4
+TRIM_ABOVE = 0.5
+_TRIMS = {"timed": 0}  # timed calls preceded by a trim, for the report's notes
 
 
 def timed(fn) -> float:
@@ -147,17 +148,24 @@ def timed(fn) -> float:
     # memory, return what the previous calls freed to the OS. Without it glibc kept torch's freed
     # activations and XLA's temporaries both resident and Restormer's training step (13.8 GB of
     # XLA temporaries at 4x128x128) ran out of the 24 GB machine's memory. Below that, freed
-    # memory stays for reuse, as in a training process (retain_freed_cpu_memory): trimming before
-    # every call made each call fault its temporaries in again (SNR-Aware's training step:
-    # 130,000 page faults, +0.3 s).
+    # memory stays for reuse, for both frameworks, as in a training or inference process
+    # (retain_freed_cpu_memory): trimming before every call made each call fault its memory in
+    # again (SNR-Aware's training step: 130,000 page faults, +0.3 s; DarkIR-m's: 1.7 million,
+    # +8 s; torch's forwards lost up to 10% to it as well).
     total = _mem_total()
     if not RETAINS_MEMORY or not total or _rss() > TRIM_ABOVE * total:
         _trim()
+        _TRIMS["timed"] += 1
     else:
         gc.collect()
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def _trim_note(before: int) -> str:
+    n = _TRIMS["timed"] - before
+    return f", freed memory returned to the OS before {n} timed calls" if n else ""
 
 
 def interleaved(fns: dict, repeats: int, label: str) -> dict[str, list[float]]:
@@ -284,14 +292,16 @@ def bench_forward(name: str, ref: torch.nn.Module, net: nnx.Module, size: int, r
     yt = _first(run_torch(tx)).numpy().transpose(0, 2, 3, 1)
     diff = float(np.max(np.abs(y - yt)))
     print(f"  forward {size}x{size}: max |flax - torch| = {diff:.2e}", flush=True)
+    trims = _TRIMS["timed"]
     times = interleaved(fns, repeats, f"forward {size}")
+    trim_note = _trim_note(trims)
     flax_mem = torch_mem = None
     if memory:
         flax_mem = peak_rss_increase(fns["flax"])
         torch_mem = peak_rss_increase(fns["torch"])
     med = {k: statistics.median(v) for k, v in times.items()}
     return Row(name, f"forward {size}x{size}", med["flax"], med["torch"], med.get("torch_cl"),
-               compile_s, flax_mem, torch_mem, xla_temp, note=f"max diff {diff:.1e}")
+               compile_s, flax_mem, torch_mem, xla_temp, note=f"max diff {diff:.1e}{trim_note}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,7 +459,9 @@ def bench_train(name: str, ref: torch.nn.Module, net: nnx.Module, batch: int, re
     _trim()
     l_torch = float(fns["torch"]().detach())
     print(f"  train: first loss flax {l_flax:.5g} torch {l_torch:.5g}", flush=True)
+    trims = _TRIMS["timed"]
     times = interleaved(fns, repeats, f"train {patch}")
+    trim_note = _trim_note(trims)
     flax_mem = torch_mem = None
     if memory:
         flax_mem = peak_rss_increase(flax_step)
@@ -458,7 +470,7 @@ def bench_train(name: str, ref: torch.nn.Module, net: nnx.Module, batch: int, re
     what = f"train {patch}x{patch} x{batch}" + (" remat" if remat else "")
     return Row(name, what, med["flax"], med["torch"],
                med.get("torch_cl"), compile_s, flax_mem, torch_mem, xla_temp,
-               note=f"{spec}, first loss {l_flax:.4g} / {l_torch:.4g}")
+               note=f"{spec}, first loss {l_flax:.4g} / {l_torch:.4g}{trim_note}")
 
 
 # --------------------------------------------------------------------------------------------
