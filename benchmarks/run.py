@@ -140,11 +140,11 @@ def _mem_total() -> int:
 
 # Return freed memory to the OS before a timed call only above this share of the machine's memory.
 TRIM_ABOVE = 0.5
-_TRIMS = {"timed": 0}  # timed calls preceded by a trim, for the report's notes
+_TRIMS = {"timed": 0, "above": TRIM_ABOVE}  # trimmed timed calls (for the notes); threshold
 
 
 def timed(fn) -> float:
-    # Untimed, before the call: when the process holds more than TRIM_ABOVE of the machine's
+    # Untimed, before the call: when the process holds more than --trim-above of the machine's
     # memory, return what the previous calls freed to the OS. Without it glibc kept torch's freed
     # activations and XLA's temporaries both resident and Restormer's training step (13.8 GB of
     # XLA temporaries at 4x128x128) ran out of the 24 GB machine's memory. Below that, freed
@@ -153,7 +153,7 @@ def timed(fn) -> float:
     # again (SNR-Aware's training step: 130,000 page faults, +0.3 s; DarkIR-m's: 1.7 million,
     # +8 s; torch's forwards lost up to 10% to it as well).
     total = _mem_total()
-    if not RETAINS_MEMORY or not total or _rss() > TRIM_ABOVE * total:
+    if not RETAINS_MEMORY or not total or _rss() > _TRIMS["above"] * total:
         _trim()
         _TRIMS["timed"] += 1
     else:
@@ -584,7 +584,11 @@ float32; forward at batch 1 (Flax jitted, timed after compiling; torch eager und
 as the originals run, and channels-last); training step (forward + backward + optimizer) at
 batch 4 (`--train-batch`) and the recipe's first patch size (Flax: the trainer's jitted step;
 torch: the reference module, the same loss and optimizer, eager NCHW). Medians of interleaved
-rounds (`--repeats`, `--train-repeats`) after one warm-up call each.
+rounds (`--repeats`, `--train-repeats`) after one warm-up call each. Both frameworks share the
+process and its malloc, which keeps freed memory for reuse (as the trainer sets it up:
+`flaxrestore.layers.retain_freed_cpu_memory`); freed memory is returned to the OS before a
+timed call only when the process holds more than half the machine's memory (`--trim-above`),
+and the row's notes say when that happened (each call then faults its memory in again).
 **Flax / torch** is Flax over torch NCHW eager; below 1 Flax is faster. Compile: lowering + XLA
 compile of that program (once per shape). Peak +RSS: the largest resident-set increase sampled
 during one extra call above the resident set before it (a lower bound on the working set:
@@ -620,6 +624,11 @@ def main(argv=None) -> int:
     p.add_argument("--train-channels-last", action="store_true",
                    help="also time a channels-last torch training step")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
+    p.add_argument("--trim-above", type=float, default=TRIM_ABOVE,
+                   help="return freed memory to the OS before a timed call only when the process "
+                        "holds more than this share of the machine's memory (default "
+                        f"{TRIM_ABOVE}; 0: before every call). Higher measures the steady state "
+                        "of bigger models but risks running out of memory")
     p.add_argument("--remat", action="store_true",
                    help="Flax training step with the recipe's remat=True (recompute blocks in "
                         "the backward: less memory; the torch step is unchanged)")
@@ -630,6 +639,9 @@ def main(argv=None) -> int:
                    help="keep the rows of an earlier report at --out that this run does not "
                         "measure again (one table from several runs)")
     args = p.parse_args(argv)
+    if not 0.0 <= args.trim_above <= 1.0:
+        p.error(f"--trim-above must be within [0, 1], got {args.trim_above}")
+    _TRIMS["above"] = args.trim_above
     torch.set_num_threads(args.threads)
     names = resolve(args.models)
     print(machine(), flush=True)

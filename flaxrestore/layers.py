@@ -118,8 +118,8 @@ def retain_freed_cpu_memory() -> bool:
     Applied only where it helps and is safe: glibc (Linux), the CPU backend (skipped when
     ``JAX_PLATFORMS`` names another platform or a GPU/TPU plugin is installed, unless
     ``JAX_PLATFORMS=cpu``), not disabled with ``FLAXRESTORE_RETAIN_CPU_MEMORY=0``. Call it before
-    jax starts its backend (threads that already allocated keep their arenas); the trainer, the
-    benchmarks and the restore CLI do, at import.
+    jax starts its backend (threads that already allocated keep their arenas); the trainer
+    (``train.step``) and the benchmarks do, at import.
     """
     import ctypes
     import importlib.util
