@@ -138,6 +138,8 @@ def _mem_total() -> int:
         return 0
 
 
+MEM_TOTAL = _mem_total()  # bytes of RAM (0 if unknown), read once
+
 # Return freed memory to the OS before a timed call only above this share of the machine's memory.
 TRIM_ABOVE = 0.5
 _TRIMS = {"timed": 0, "above": TRIM_ABOVE}  # trimmed timed calls (for the notes); threshold
@@ -152,8 +154,7 @@ def timed(fn) -> float:
     # (retain_freed_cpu_memory): trimming before every call made each call fault its memory in
     # again (SNR-Aware's training step: 130,000 page faults, +0.3 s; DarkIR-m's: 1.7 million,
     # +8 s; torch's forwards lost up to 10% to it as well).
-    total = _mem_total()
-    if not RETAINS_MEMORY or not total or _rss() > _TRIMS["above"] * total:
+    if not RETAINS_MEMORY or not MEM_TOTAL or _rss() > _TRIMS["above"] * MEM_TOTAL:
         _trim()
         _TRIMS["timed"] += 1
     else:
