@@ -40,6 +40,7 @@ import argparse
 import ctypes
 import dataclasses
 import datetime
+import functools
 import gc
 import os
 import platform
@@ -254,7 +255,8 @@ def bench_forward(name: str, ref: torch.nn.Module, net: nnx.Module, size: int, r
     arrays = entry.cls.example_inputs(cfg, 1, size, size, np.random.default_rng(0))
     graph, state = nnx.split(net)
 
-    @jax.jit
+    # the options the trainer and flaxrestore.restore compile with (FLAXRESTORE_XNN_CONVS=0: none)
+    @functools.partial(jax.jit, compiler_options=_layers.compiler_options())
     def fwd(state, *xs):
         return nnx.merge(graph, state)(*xs)
 

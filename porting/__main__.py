@@ -99,10 +99,11 @@ def cmd_verify(args) -> int:
         torch_module.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
         torch_module.eval()
     _step(f"running torch reference and Flax port of {args.name} "
-          f"(batch {args.batch}{', with gradients' if args.grads else ''})")
+          f"(batch {args.batch}{', with gradients' if args.grads else ''}"
+          f"{', compiled' if args.jit else ''})")
     report = verify.compare(args.name, torch_module, flax_module, batch=args.batch,
                             height=args.height, width=args.width, seed=args.seed,
-                            grads=args.grads, **overrides)
+                            grads=args.grads, jit=args.jit, **overrides)
     print(report.format())
     worst = report.worst()
     ok = worst <= args.tol
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--width", type=int)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--grads", action="store_true", help="also compare gradients of a scalar loss")
+    s.add_argument("--jit", action="store_true",
+                   help="compile the Flax side as the trainer and restore do (XLA options "
+                        "included) instead of running it op by op")
     s.add_argument("--tol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
     s.set_defaults(fn=cmd_verify)
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxrestore import models
+from flaxrestore import layers, models
 from porting import convert, reference
 
 
@@ -102,10 +102,12 @@ def default_size(name: str) -> tuple[int, int]:
 def compare(name: str, torch_module=None, flax_module=None, *, batch: int = 2,
             height: int | None = None, width: int | None = None, seed: int = 0,
             grads: bool = False, inputs: Sequence[np.ndarray] | None = None,
-            **overrides) -> Report:
+            jit: bool = False, **overrides) -> Report:
     """Runs both implementations of ``name`` on the same random inputs and reports the differences.
 
     Without modules, a torch reference is built with random weights and converted to Flax.
+    ``jit=True`` compiles the Flax forward (and gradient) as the trainer and ``flaxrestore.restore``
+    do, with :func:`flaxrestore.layers.compiler_options`; otherwise it runs op by op.
     """
     import torch
 
@@ -141,7 +143,16 @@ def compare(name: str, torch_module=None, flax_module=None, *, batch: int = 2,
 
         f_in = [jnp.asarray(a) for a in inputs]
         t0 = time.perf_counter()
-        f_outs = [np.asarray(o) for o in _flat_flax_outputs(flax_module(*f_in))]
+        graphdef, f_params, f_rest = nnx.split(flax_module, nnx.Param, ...)
+        compile_options = layers.compiler_options() if jit else None
+
+        def run(fn):
+            return jax.jit(fn, compiler_options=compile_options) if jit else fn
+
+        # the rest of the state (AECR-Net's running statistics) is an argument, not a constant:
+        # a train-mode call updates it, which a jitted function may only do to its own inputs
+        forward = run(lambda p, r, *xs: _flat_flax_outputs(nnx.merge(graphdef, p, r)(*xs)))
+        f_outs = [np.asarray(o) for o in forward(f_params, f_rest, *f_in)]
         seconds["flax"] = time.perf_counter() - t0
         if len(f_outs) != len(t_outs):
             raise AssertionError(f"flax returns {len(f_outs)} outputs, torch {len(t_outs)}")
@@ -165,7 +176,11 @@ def compare(name: str, torch_module=None, flax_module=None, *, batch: int = 2,
                 return sum(jnp.mean(o * jnp.asarray(w)) for o, w in zip(outs, weights))
 
             argnums = (0,) + tuple(range(1, 1 + len(f_in)))
-            g = nnx.grad(loss_f, argnums=argnums)(flax_module, *f_in)
+
+            def grads_of(p, r, *xs):  # nnx.grad: a train-mode call may update r's statistics
+                return nnx.grad(loss_f, argnums=argnums)(nnx.merge(graphdef, p, r), *xs)
+
+            g = run(grads_of)(f_params, f_rest, *f_in)
             f_pgrads = convert.state_to_torch_layout(flax_module, g[0])
             for i, (gf, tin) in enumerate(zip(g[1:], t_in)):
                 gt = tin.grad.numpy()

@@ -15,7 +15,7 @@ import porting
 from flaxrestore import layers, losses, models
 from flaxrestore import vgg as fvgg
 from flaxrestore.models import aecrnet as A
-from porting import convert, reference
+from porting import convert, reference, verify
 from porting.reference import aecrnet as TA
 from porting.reference import losses as TL
 from porting.reference import vgg as TV
@@ -739,3 +739,11 @@ def test_training_step_parity():
         assert np.abs((f_new - before[k]) - (t_new - before[k])).max() <= 1e-2 * lr, k
         moved += np.abs(t_new - before[k]).max() > 0.5 * lr
     assert moved == len(after_t)  # every parameter and both statistics moved
+
+
+def test_compiled_port_matches_torch():
+    """verify.compare(jit=True): the network (train mode, as built) compiled as the trainer
+    compiles it (layers.compiler_options: on CPU XNNPACK convolutions), outputs and every
+    gradient against torch autograd."""
+    report = verify.compare(NAME, batch=1, grads=True, jit=True, seed=4, **SMALL)
+    assert report.grads and report.worst() <= 1e-4, report.format()

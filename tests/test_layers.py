@@ -68,16 +68,20 @@ def test_conv_concat_call_rejects_wrong_channel_total():
     (4, 5, 3, 1, 3, 1, (6, 6)),     # padding > kernel//2: output larger than x
     (4, 6, 3, 2, 1, 1, (9, 10)),    # stride 2: per-tap matmuls
 ])
-def test_conv_gradients_match_torch(cin, cout, k, stride, pad, dil, hw):
+@pytest.mark.parametrize("options", ["eager", "compiled"])
+def test_conv_gradients_match_torch(cin, cout, k, stride, pad, dil, hw, options):
     """Conv2d's CPU backward (input gradient + the kernel gradient as matmuls, every path of
-    layers.conv_kernel_grad) against torch autograd."""
+    layers.conv_kernel_grad) against torch autograd; eagerly (XLA's default libraries) and
+    compiled with layers.compiler_options() as the trainer compiles (on CPU: XNNPACK convs)."""
     rng = np.random.default_rng(1)
     conv = layers.Conv2d(cin, cout, k, stride, pad, dil, rngs=nnx.Rngs(0))
     x = rng.standard_normal((2, *hw, cin)).astype(np.float32)
     dy = rng.standard_normal(conv(jnp.asarray(x)).shape).astype(np.float32)
     graphdef, state = nnx.split(conv)
-    g_state, g_x = jax.grad(lambda st, x: jnp.sum(nnx.merge(graphdef, st)(x) * dy), (0, 1))(
-        state, jnp.asarray(x))
+    grad = jax.grad(lambda st, x: jnp.sum(nnx.merge(graphdef, st)(x) * dy), (0, 1))
+    if options == "compiled":
+        grad = jax.jit(grad, compiler_options=layers.compiler_options())
+    g_state, g_x = grad(state, jnp.asarray(x))
 
     tw = torch.from_numpy(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1).copy())
     tw.requires_grad_()
@@ -89,6 +93,97 @@ def test_conv_gradients_match_torch(cin, cout, k, stride, pad, dil, hw):
                                tw.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.asarray(g_x), tx.grad.numpy().transpose(0, 2, 3, 1),
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cin,cout,k,stride,pad,out_pad", [
+    (6, 4, 3, 2, 1, 1), (4, 8, 4, 2, 1, 0), (5, 3, 3, 1, 1, 0)])
+def test_conv_transpose_compiled_matches_torch(cin, cout, k, stride, pad, out_pad):
+    """ConvTranspose2d output and gradients, compiled with layers.compiler_options(), against
+    torch's conv_transpose2d."""
+    rng = np.random.default_rng(3)
+    conv = layers.ConvTranspose2d(cin, cout, k, stride, pad, out_pad, rngs=nnx.Rngs(0))
+    x = rng.standard_normal((2, 7, 9, cin)).astype(np.float32)
+    graphdef, state = nnx.split(conv)
+    fwd = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x),
+                  compiler_options=layers.compiler_options())
+    y = fwd(state, jnp.asarray(x))
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    grad = jax.jit(jax.grad(lambda st, x: jnp.sum(nnx.merge(graphdef, st)(x) * dy), (0, 1)),
+                   compiler_options=layers.compiler_options())
+    g_state, g_x = grad(state, jnp.asarray(x))
+
+    # the Flax kernel is torch's weight flipped in H and W, laid out (kh, kw, in, out)
+    tw = torch.from_numpy(np.asarray(conv.kernel[...])[::-1, ::-1].transpose(2, 3, 0, 1).copy())
+    tw.requires_grad_()
+    tx = _nchw(x).requires_grad_()
+    ty = torch.nn.functional.conv_transpose2d(tx, tw, torch.from_numpy(np.array(conv.bias[...])),
+                                              stride, pad, out_pad)
+    (ty * _nchw(dy)).sum().backward()
+    np.testing.assert_allclose(np.asarray(y), ty.detach().numpy().transpose(0, 2, 3, 1),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(g_state["kernel"][...]),
+                               tw.grad.numpy().transpose(2, 3, 0, 1)[::-1, ::-1],
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g_x), tx.grad.numpy().transpose(0, 2, 3, 1),
+                               rtol=1e-4, atol=1e-4)
+
+
+def _library_calls(compiled_text: str) -> dict[str, str]:
+    """{op: library} for the convolutions and dots of a compiled CPU module: 'ynn' when the op
+    sits in a YNNPACK fusion, else 'plain' (left to the thunk runtime)."""
+    import re
+
+    bodies, current = {}, None
+    for line in compiled_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+        if head:
+            current = head.group(1)
+            bodies[current] = []
+        elif current and " = " in line:
+            bodies[current].append(line)
+    found = {}
+    for line in compiled_text.splitlines():
+        called = re.search(r"calls=%([\w.\-]+)", line)
+        in_ynn = "__ynn_fusion" in line and called
+        for op in ("convolution", "dot"):
+            if in_ynn and any(f" {op}(" in b for b in bodies.get(called.group(1), [])):
+                found[op] = "ynn"
+            elif f" {op}(" in line and "fusion(" not in line:
+                found.setdefault(op, "plain")
+    return found
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU compile options")
+def test_cpu_compiler_options_move_convs_off_ynnpack_only():
+    """The options take effect: the conv leaves YNNPACK, the dot stays there."""
+    x = jnp.ones((1, 32, 32, 64))
+    k = jnp.ones((3, 3, 64, 64))
+    m = jnp.ones((64, 64))
+
+    def f(x, k, m):
+        y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y.reshape(-1, 64) @ m
+
+    lowered = jax.jit(f).lower(x, k, m)
+    assert _library_calls(lowered.compile().as_text()) == {"convolution": "ynn", "dot": "ynn"}
+    options = layers.compiler_options()
+    assert options == layers.CPU_COMPILER_OPTIONS
+    assert _library_calls(lowered.compile(options).as_text()) == {"convolution": "plain",
+                                                                   "dot": "ynn"}
+
+
+def test_compiler_options_where_they_apply(monkeypatch):
+    monkeypatch.delenv(layers.CPU_COMPILER_OPTIONS_ENV, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    assert layers.compiler_options("cpu") == layers.CPU_COMPILER_OPTIONS
+    assert layers.compiler_options("gpu") is None and layers.compiler_options("tpu") is None
+    monkeypatch.setenv(layers.CPU_COMPILER_OPTIONS_ENV, "0")
+    assert layers.compiler_options("cpu") is None
+    monkeypatch.delenv(layers.CPU_COMPILER_OPTIONS_ENV)
+    # a user's own setting of either flag wins over ours
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
+    assert layers.compiler_options("cpu") is None
 
 
 def test_conv_kernel_grad_paths_agree_with_taps():

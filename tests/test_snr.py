@@ -210,7 +210,9 @@ def test_forward_quarter_size_not_multiple_of_4():
     assert report.worst() <= 1e-4, report.format()
 
 
-def test_gradients_reduced_width():
+@pytest.mark.parametrize("jit", [False, True])
+def test_gradients_reduced_width(jit):
+    """Op by op, and compiled as the trainer compiles (layers.compiler_options)."""
     torch.manual_seed(5)
     ref = _perturb(reference.build(NAME, **SMALL), seed=5)
     module = porting.torch_to_flax(NAME, ref.state_dict(), **SMALL)
@@ -218,7 +220,7 @@ def test_gradients_reduced_width():
     x = rng.random((2, 32, 32, 3), dtype=np.float32)
     valid = np.array([[[True, False], [True, True]], [[False, False], [False, False]]])
     report = verify.compare(NAME, ref, module, inputs=(x, _mask(valid, 32, 32, rng)),
-                            grads=True, **SMALL)
+                            grads=True, jit=jit, **SMALL)
     assert len(report.grads) == 118 + 2  # every parameter, the image and the map
     assert report.worst() <= 1e-4, report.format()
 

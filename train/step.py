@@ -392,7 +392,8 @@ def make_train_step(recipe: Recipe, model: ModelDef, tx: optax.GradientTransform
 
     rep = replicated(mesh)
     return jax.jit(step, in_shardings=(rep, batch_sharding(mesh), rep),
-                   out_shardings=(rep, rep), donate_argnums=(0,))
+                   out_shardings=(rep, rep), donate_argnums=(0,),
+                   compiler_options=flayers.compiler_options(_platform(mesh)))
 
 
 def make_eval_fn(recipe: Recipe, model: ModelDef, mesh) -> Callable:
@@ -411,4 +412,9 @@ def make_eval_fn(recipe: Recipe, model: ModelDef, mesh) -> Callable:
         return out.astype(jnp.float32)
 
     rep = replicated(mesh)
-    return jax.jit(fn, in_shardings=(rep, rep, batch_sharding(mesh)), out_shardings=rep)
+    return jax.jit(fn, in_shardings=(rep, rep, batch_sharding(mesh)), out_shardings=rep,
+                   compiler_options=flayers.compiler_options(_platform(mesh)))
+
+
+def _platform(mesh) -> str:
+    return mesh.devices.flat[0].platform
