@@ -583,8 +583,8 @@ A load above the core count means other processes competed for the CPU; torch's 
 lose much more to such contention than XLA's thread pool, so ratios measured under load favour
 Flax.
 
-float32; forward at batch 1 (Flax jitted, timed after compiling; torch eager under no_grad, NCHW
-as the originals run, and channels-last); training step (forward + backward + optimizer) at
+float32; forward at batch 1 (Flax jitted with the trainer's compile options, timed after
+compiling; torch eager under no_grad, NCHW as the originals run, and channels-last); training step (forward + backward + optimizer) at
 batch 4 (`--train-batch`) and the recipe's first patch size (Flax: the trainer's jitted step;
 torch: the reference module, the same loss and optimizer, eager NCHW). Medians of interleaved
 rounds (`--repeats`, `--train-repeats`) after one warm-up call each. Both frameworks share the
@@ -593,7 +593,8 @@ process and its malloc, which keeps freed memory for reuse (as the trainer sets 
 timed call only when the process holds more than half the machine's memory (`--trim-above`),
 and the row's notes say when that happened (each call then faults its memory in again).
 **Flax / torch** is Flax over torch NCHW eager; below 1 Flax is faster. Compile: lowering + XLA
-compile of that program (once per shape). Peak +RSS: the largest resident-set increase sampled
+compile of that program (once per shape; on CPU with `flaxrestore.layers.compiler_options()`:
+3x3 convolutions on XNNPACK, `FLAXRESTORE_XNN_CONVS=0` for XLA's defaults). Peak +RSS: the largest resident-set increase sampled
 during one extra call above the resident set before it (a lower bound on the working set:
 weights, the compiled program and allocator caches already resident are not counted); XLA temp:
 the temporaries of the compiled Flax program from XLA's buffer assignment. Max diff: largest

@@ -4,6 +4,7 @@ retracing and no new XLA compile (a small-width model of every family)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import jax
 import jax.monitoring
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flaxrestore import models
+from flaxrestore import layers, models
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
@@ -54,7 +55,8 @@ def test_forward_does_not_recompile(name):
     graph, state = nnx.split(module)
     traces = [0]
 
-    @jax.jit
+    # compiled as the trainer, benchmarks and restore compile (layers.compiler_options)
+    @functools.partial(jax.jit, compiler_options=layers.compiler_options())
     def forward(state, *xs):
         traces[0] += 1  # runs only while tracing
         return nnx.merge(graph, state)(*xs)
