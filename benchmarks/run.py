@@ -584,9 +584,10 @@ lose much more to such contention than XLA's thread pool, so ratios measured und
 Flax.
 
 float32; forward at batch 1 (Flax jitted with the trainer's compile options, timed after
-compiling; torch eager under no_grad, NCHW as the originals run, and channels-last); training step (forward + backward + optimizer) at
-batch 4 (`--train-batch`) and the recipe's first patch size (Flax: the trainer's jitted step;
-torch: the reference module, the same loss and optimizer, eager NCHW). Medians of interleaved
+compiling; torch eager under no_grad, NCHW as the originals run, and channels-last); training
+step (forward + backward + optimizer) at batch 4 (`--train-batch`) and the recipe's first patch
+size (Flax: the trainer's jitted step; torch: the reference module, the same loss and optimizer,
+eager NCHW). Medians of interleaved
 rounds (`--repeats`, `--train-repeats`) after one warm-up call each. Both frameworks share the
 process and its malloc, which keeps freed memory for reuse (as the trainer sets it up:
 `flaxrestore.layers.retain_freed_cpu_memory`); freed memory is returned to the OS before a
@@ -594,8 +595,8 @@ timed call only when the process holds more than half the machine's memory (`--t
 and the row's notes say when that happened (each call then faults its memory in again).
 **Flax / torch** is Flax over torch NCHW eager; below 1 Flax is faster. Compile: lowering + XLA
 compile of that program (once per shape; on CPU with `flaxrestore.layers.compiler_options()`:
-3x3 convolutions on XNNPACK, `FLAXRESTORE_XNN_CONVS=0` for XLA's defaults). Peak +RSS: the largest resident-set increase sampled
-during one extra call above the resident set before it (a lower bound on the working set:
+3x3 convolutions on XNNPACK, `FLAXRESTORE_XNN_CONVS=0` for XLA's defaults). Peak +RSS: the
+largest resident-set increase sampled during one extra call above the resident set before it (a lower bound on the working set:
 weights, the compiled program and allocator caches already resident are not counted); XLA temp:
 the temporaries of the compiled Flax program from XLA's buffer assignment. Max diff: largest
 |Flax - torch| of the forward output with the same weights; first loss: the training loss of the

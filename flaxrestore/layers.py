@@ -98,6 +98,13 @@ def prefer_memory_saving_cpu_scheduler() -> None:
         os.environ["XLA_FLAGS"] = (flags + " " + CPU_SCHEDULER_FLAG).strip()
 
 
+def _turned_off(env_var: str) -> bool:
+    """True when the environment variable says 0 / false / no / off (unset: on)."""
+    import os
+
+    return os.environ.get(env_var, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 # XLA:CPU (jax 0.10) gives YNNPACK single dots, reductions and single convolutions by default.
 # These options keep the first two there and give the convolutions to XNNPACK instead.
 CPU_COMPILER_OPTIONS = {
@@ -125,7 +132,7 @@ def compiler_options(platform: str | None = None) -> dict[str, str] | None:
         platform = jax.default_backend()
     if platform != "cpu":
         return None
-    if os.environ.get(CPU_COMPILER_OPTIONS_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _turned_off(CPU_COMPILER_OPTIONS_ENV):
         return None
     flags = os.environ.get("XLA_FLAGS", "")
     if any(name in flags for name in CPU_COMPILER_OPTIONS):
@@ -179,7 +186,7 @@ def retain_freed_cpu_memory() -> bool:
     import importlib.util
     import os
 
-    if os.environ.get(RETAIN_MEMORY_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _turned_off(RETAIN_MEMORY_ENV):
         return False
     platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
     if platforms and platforms.split(",")[0] != "cpu":

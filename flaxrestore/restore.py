@@ -167,20 +167,15 @@ def _window_1d(start: int, length: int, size: int, overlap: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------- the call
 
 
-def _forward(graphdef, select: Callable, dtype: str, state, *inputs):
-    """The jitted evaluation call: ``select(module(*inputs))`` in ``dtype``, as float32."""
-    return forward_jit()(graphdef, select, dtype, state, *inputs)
-
-
 @functools.cache
 def forward_jit():
-    """The jitted form of :func:`_forward` (built on first use: its compile options depend on
-    the backend, which must not start at import)."""
-    return jax.jit(_forward_body, static_argnums=(0, 1, 2),
-                   compiler_options=layers.compiler_options())
+    """``_forward`` jitted (graphdef, select and dtype static), built on first use: its compile
+    options depend on the backend, which must not start at import."""
+    return jax.jit(_forward, static_argnums=(0, 1, 2), compiler_options=layers.compiler_options())
 
 
-def _forward_body(graphdef, select: Callable, dtype: str, state, *inputs):
+def _forward(graphdef, select: Callable, dtype: str, state, *inputs):
+    """The evaluation call: ``select(module(*inputs))`` in ``dtype``, as float32."""
     if dtype != "float32":
         cast = jnp.dtype(dtype)
         state = jax.tree.map(lambda a: a.astype(cast) if jnp.issubdtype(a.dtype, jnp.floating)
@@ -242,8 +237,8 @@ class Restorer:
 
     # -- helpers
     def _call(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
-        return np.asarray(_forward(self.graphdef, self.protocol.select, self.dtype, self.state,
-                                   *inputs))
+        return np.asarray(forward_jit()(self.graphdef, self.protocol.select, self.dtype,
+                                        self.state, *inputs))
 
     def _pad(self, a: np.ndarray) -> np.ndarray:
         m = self.protocol.multiple
