@@ -596,8 +596,9 @@ and the row's notes say when that happened (each call then faults its memory in 
 **Flax / torch** is Flax over torch NCHW eager; below 1 Flax is faster. Compile: lowering + XLA
 compile of that program (once per shape; on CPU with `flaxrestore.layers.compiler_options()`:
 3x3 convolutions on XNNPACK, `FLAXRESTORE_XNN_CONVS=0` for XLA's defaults). Peak +RSS: the
-largest resident-set increase sampled during one extra call above the resident set before it (a lower bound on the working set:
-weights, the compiled program and allocator caches already resident are not counted); XLA temp:
+largest resident-set increase sampled during one extra call above the resident set before it
+(a lower bound on the working set: weights, the compiled program and allocator caches already
+resident are not counted); XLA temp:
 the temporaries of the compiled Flax program from XLA's buffer assignment. Max diff: largest
 |Flax - torch| of the forward output with the same weights; first loss: the training loss of the
 first step on each side.
