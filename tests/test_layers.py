@@ -95,6 +95,99 @@ def test_conv_gradients_match_torch(cin, cout, k, stride, pad, dil, hw, options)
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("pad", [0, 1, 2])
+@pytest.mark.parametrize("hw", [(8, 10), (7, 9)])
+def test_winograd_conv3x3_matches_torch(pad, hw):
+    """The Winograd F(2x2, 3x3) conv against torch's conv2d, odd and even sizes, every padding
+    it takes (any channel count: the function itself has no minimum)."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, *hw, 5)).astype(np.float32)
+    k = rng.standard_normal((3, 3, 5, 7)).astype(np.float32)
+    y = layers.winograd_conv3x3(jnp.asarray(x), jnp.asarray(k), (pad, pad))
+    ty = torch.nn.functional.conv2d(_nchw(x), torch.from_numpy(k.transpose(3, 2, 0, 1).copy()),
+                                    padding=pad)
+    assert y.shape == (2, hw[0] + 2 * pad - 2, hw[1] + 2 * pad - 2, 7)
+    np.testing.assert_allclose(np.asarray(y), ty.numpy().transpose(0, 2, 3, 1),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="3x3"):
+        layers.winograd_conv3x3(jnp.asarray(x), jnp.zeros((5, 5, 5, 7)), (pad, pad))
+
+
+@pytest.mark.parametrize("cin,cout,pad,hw", [
+    (96, 96, 1, (9, 11)),   # odd output: one padded tile row/column, cropped
+    (128, 96, 0, (8, 10)),  # no padding
+    (96, 112, 2, (7, 6)),   # padding 2
+])
+@pytest.mark.parametrize("options", ["eager", "compiled"])
+def test_winograd_conv_and_gradients_match_torch(cin, cout, pad, hw, options):
+    """Conv2d on CPU with >= WINOGRAD_MIN_CHANNELS channels against torch: the forward (by
+    Winograd) and, when differentiated, the library conv's gradients."""
+    assert min(cin, cout) >= layers.WINOGRAD_MIN_CHANNELS
+    rng = np.random.default_rng(5)
+    conv = layers.Conv2d(cin, cout, 3, 1, pad, rngs=nnx.Rngs(0))
+    x = rng.standard_normal((2, *hw, cin)).astype(np.float32)
+    graphdef, state = nnx.split(conv)
+
+    def apply(st, x):
+        return nnx.merge(graphdef, st)(x)
+
+    dy = rng.standard_normal(apply(state, jnp.asarray(x)).shape).astype(np.float32)
+    fwd, grad = apply, jax.grad(lambda st, x: jnp.sum(apply(st, x) * dy), (0, 1))
+    if options == "compiled":
+        fwd = jax.jit(apply, compiler_options=layers.compiler_options())
+        grad = jax.jit(grad, compiler_options=layers.compiler_options())
+    y = fwd(state, jnp.asarray(x))
+    g_state, g_x = grad(state, jnp.asarray(x))
+
+    tw = torch.from_numpy(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1).copy())
+    tw.requires_grad_()
+    tx = _nchw(x).requires_grad_()
+    ty = torch.nn.functional.conv2d(tx, tw, torch.from_numpy(np.array(conv.bias[...])), 1, pad)
+    (ty * _nchw(dy)).sum().backward()
+    np.testing.assert_allclose(np.asarray(y), ty.detach().numpy().transpose(0, 2, 3, 1),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g_state["kernel"][...]),
+                               tw.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(g_x), tx.grad.numpy().transpose(0, 2, 3, 1),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU conv lowering")
+def test_winograd_where_it_applies(monkeypatch):
+    """Which CPU convs take the Winograd path: 3x3, stride 1, undilated, ungrouped, padding <= 2,
+    >= WINOGRAD_MIN_CHANNELS on both sides, not turned off; and that it really replaces the
+    library conv in a compiled forward, but not in a differentiated one."""
+    monkeypatch.delenv(layers.WINOGRAD_ENV, raising=False)
+    n = layers.WINOGRAD_MIN_CHANNELS
+    applies = layers._winograd_applies
+    assert applies((3, 3, n, n), (1, 1), (1, 1), (1, 1), 1)
+    assert not applies((3, 3, n - 1, 2 * n), (1, 1), (1, 1), (1, 1), 1)
+    assert not applies((3, 3, 2 * n, n - 1), (1, 1), (1, 1), (1, 1), 1)
+    assert not applies((5, 5, n, n), (1, 1), (2, 2), (1, 1), 1)
+    assert not applies((3, 3, n, n), (2, 2), (1, 1), (1, 1), 1)
+    assert not applies((3, 3, n, n), (1, 1), (2, 2), (2, 2), 1)
+    assert not applies((3, 3, n, n), (1, 1), (1, 1), (1, 1), 2)
+    assert not applies((3, 3, n, n), (1, 1), (3, 3), (1, 1), 1)
+
+    conv = layers.Conv2d(n, n, 3, padding=1, bias=False, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(conv)
+    x = jnp.ones((1, 8, 8, n))
+
+    def convs_in(grad: bool) -> int:
+        # a new function each time: the switch is read when a function is traced
+        def fwd(st, x):
+            return nnx.merge(graphdef, st)(x)
+
+        fn = jax.grad(lambda st, x: jnp.sum(fwd(st, x) ** 2), 1) if grad else fwd
+        return jax.jit(fn).lower(state, x).compile().as_text().count(" convolution(")
+
+    # forward only: no library conv left; differentiated: the library's forward and input grad
+    assert convs_in(grad=False) == 0 and convs_in(grad=True) == 2
+    monkeypatch.setenv(layers.WINOGRAD_ENV, "0")
+    assert not applies((3, 3, n, n), (1, 1), (1, 1), (1, 1), 1)
+    assert convs_in(grad=False) == 1 and convs_in(grad=True) == 2
+
+
 @pytest.mark.parametrize("cin,cout,k,stride,pad,out_pad", [
     (6, 4, 3, 2, 1, 1), (4, 8, 4, 2, 1, 0), (5, 3, 3, 1, 1, 0)])
 def test_conv_transpose_compiled_matches_torch(cin, cout, k, stride, pad, out_pad):
