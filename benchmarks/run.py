@@ -595,7 +595,9 @@ timed call only when the process holds more than half the machine's memory (`--t
 and the row's notes say when that happened (each call then faults its memory in again).
 **Flax / torch** is Flax over torch NCHW eager; below 1 Flax is faster. Compile: lowering + XLA
 compile of that program (once per shape; on CPU with `flaxrestore.layers.compiler_options()`:
-3x3 convolutions on XNNPACK, `FLAXRESTORE_XNN_CONVS=0` for XLA's defaults). Peak +RSS: the
+3x3 convolutions on XNNPACK, `FLAXRESTORE_XNN_CONVS=0` for XLA's defaults; the forward's 3x3
+convolutions with >= 96 channels by Winograd, `FLAXRESTORE_WINOGRAD=0` for the library conv).
+Peak +RSS: the
 largest resident-set increase sampled during one extra call above the resident set before it
 (a lower bound on the working set: weights, the compiled program and allocator caches already
 resident are not counted); XLA temp:
