@@ -429,15 +429,17 @@ def _winograd_applies(kernel_shape, stride, padding, dilation, groups) -> bool:
 def conv2d_cpu(x, kernel, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1):
     """The conv (zero padding, no bias) on CPU.
 
-    Not differentiated (inference, evaluation): Winograd for 3x3 stride-1 convs with at least
-    :data:`WINOGRAD_MIN_CHANNELS` channels on both sides (``FLAXRESTORE_WINOGRAD=0``: never; read
-    when the function is traced), else the library conv. Differentiated: always the library conv
-    (with Winograd in the forward, or also in the input gradient, MPRNet's training step at
-    2x128x128 took x1.01 and x1.12 as long, with 1.3 GB more XLA temporaries), with the kernel
-    gradient from matmuls (:func:`conv_kernel_grad`) instead of XLA:CPU's slow kernel-gradient
-    conv and the library's own input gradient.
+    Not differentiated (inference, evaluation), float32: Winograd for 3x3 stride-1 convs with
+    at least :data:`WINOGRAD_MIN_CHANNELS` channels on both sides (``FLAXRESTORE_WINOGRAD=0``:
+    never; read when the function is traced), else the library conv. Differentiated: always the
+    library conv (with Winograd in the forward, or also in the input gradient, MPRNet's training
+    step at 2x128x128 took x1.01 and x1.12 as long, with 1.3 GB more XLA temporaries), with the
+    kernel gradient from matmuls (:func:`conv_kernel_grad`) instead of XLA:CPU's slow
+    kernel-gradient conv and the library's own input gradient.
     """
-    if _winograd_applies(kernel.shape, stride, padding, dilation, groups):
+    # float32 only: in a 16-bit type the transforms' additions would round more than the conv
+    if (x.dtype == jnp.float32 and kernel.dtype == jnp.float32
+            and _winograd_applies(kernel.shape, stride, padding, dilation, groups)):
         return winograd_conv3x3(x, kernel, padding)
     return _conv_lib(x, kernel, stride, padding, dilation, groups)
 

@@ -183,6 +183,10 @@ def test_winograd_where_it_applies(monkeypatch):
 
     # forward only: no library conv left; differentiated: the library's forward and input grad
     assert convs_in(grad=False) == 0 and convs_in(grad=True) == 2
+    # bfloat16 keeps the library conv
+    y = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x)).lower(
+        jax.tree.map(lambda a: a.astype(jnp.bfloat16), state), x.astype(jnp.bfloat16))
+    assert y.compile().as_text().count(" convolution(") == 1
     monkeypatch.setenv(layers.WINOGRAD_ENV, "0")
     assert not applies((3, 3, n, n), (1, 1), (1, 1), (1, 1), 1)
     assert convs_in(grad=False) == 1 and convs_in(grad=True) == 2
