@@ -58,6 +58,19 @@ def test_conv_concat_call_rejects_wrong_channel_total():
         conv.concat_call([jnp.zeros((1, 5, 5, 4)), jnp.zeros((1, 5, 5, 3))])
 
 
+def _torch_conv_reference(conv, x, dy, stride, pad, dil=1):
+    """torch's conv2d with Conv2d's weights on x: (y, kernel gradient as HWIO, input gradient as
+    NHWC) for the upstream gradient dy, all numpy."""
+    tw = torch.from_numpy(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1).copy())
+    tw.requires_grad_()
+    tx = _nchw(x).requires_grad_()
+    ty = torch.nn.functional.conv2d(tx, tw, torch.from_numpy(np.array(conv.bias[...])), stride,
+                                    pad, dil)
+    (ty * _nchw(dy)).sum().backward()
+    return (ty.detach().numpy().transpose(0, 2, 3, 1), tw.grad.numpy().transpose(2, 3, 1, 0),
+            tx.grad.numpy().transpose(0, 2, 3, 1))
+
+
 @pytest.mark.parametrize("cin,cout,k,stride,pad,dil,hw", [
     (8, 3, 3, 1, 1, 1, (9, 11)),    # cout < cin: dy shifted onto x's grid, one matmul
     (6, 6, 3, 1, 1, 1, (8, 8)),     # equal: dy side
@@ -83,16 +96,10 @@ def test_conv_gradients_match_torch(cin, cout, k, stride, pad, dil, hw, options)
         grad = jax.jit(grad, compiler_options=layers.compiler_options())
     g_state, g_x = grad(state, jnp.asarray(x))
 
-    tw = torch.from_numpy(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1).copy())
-    tw.requires_grad_()
-    tx = _nchw(x).requires_grad_()
-    ty = torch.nn.functional.conv2d(tx, tw, torch.from_numpy(np.array(conv.bias[...])), stride,
-                                    pad, dil)
-    (ty * _nchw(dy)).sum().backward()
-    np.testing.assert_allclose(np.asarray(g_state["kernel"][...]),
-                               tw.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(g_x), tx.grad.numpy().transpose(0, 2, 3, 1),
+    _, t_kernel, t_x = _torch_conv_reference(conv, x, dy, stride, pad, dil)
+    np.testing.assert_allclose(np.asarray(g_state["kernel"][...]), t_kernel,
                                rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g_x), t_x, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("pad", [0, 1, 2])
@@ -139,17 +146,11 @@ def test_winograd_conv_and_gradients_match_torch(cin, cout, pad, hw, options):
     y = fwd(state, jnp.asarray(x))
     g_state, g_x = grad(state, jnp.asarray(x))
 
-    tw = torch.from_numpy(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1).copy())
-    tw.requires_grad_()
-    tx = _nchw(x).requires_grad_()
-    ty = torch.nn.functional.conv2d(tx, tw, torch.from_numpy(np.array(conv.bias[...])), 1, pad)
-    (ty * _nchw(dy)).sum().backward()
-    np.testing.assert_allclose(np.asarray(y), ty.detach().numpy().transpose(0, 2, 3, 1),
-                               rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(g_state["kernel"][...]),
-                               tw.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(np.asarray(g_x), tx.grad.numpy().transpose(0, 2, 3, 1),
-                               rtol=1e-4, atol=1e-4)
+    t_y, t_kernel, t_x = _torch_conv_reference(conv, x, dy, 1, pad)
+    np.testing.assert_allclose(np.asarray(y), t_y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g_state["kernel"][...]), t_kernel,
+                               rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(g_x), t_x, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU conv lowering")
