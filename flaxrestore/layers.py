@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flaxrestore import native
+
 # nnx.Sequential is used as-is; the converter treats its `layers` list as torch's child indices.
 Sequential = nnx.Sequential
 
@@ -240,7 +242,8 @@ def depthwise_conv2d(x, kernel, padding=(0, 0), dilation=(1, 1)):
 
     Backward: dx is the same shifted conv of dy (padded by dilation*(k-1)-padding) with the
     spatially flipped kernel; dkernel[i, j] is the sum over batch and space of the (i, j)-shifted
-    padded x times dy.
+    padded x times dy, for float32 by :func:`flaxrestore.native.depthwise_kernel_grad` (one pass
+    over memory) when the native kernels are available, else one reduction per tap.
     """
     ph, pw = padding
     return depthwise_conv_shifted(_zero_pad_hw(x, ph, ph, pw, pw), kernel, dilation)
@@ -260,6 +263,10 @@ def _depthwise_bwd(padding, dilation, res, dy):
     th, tw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
     dyp = _zero_pad_hw(dy, th, h + dh * (kh - 1) - ho - th, tw, w + dw * (kw - 1) - wo - tw)
     dx = depthwise_conv_shifted(dyp, kernel[::-1, ::-1], dilation)
+    if x.dtype == dy.dtype == jnp.float32 and native.available():
+        # one pass over x and dy instead of one reduction per tap over a shifted copy of x
+        dk = native.depthwise_kernel_grad(x, dy, (kh, kw), padding, dilation)
+        return dx.astype(x.dtype), dk.astype(kernel.dtype)
     xp = _zero_pad_hw(x, ph, ph, pw, pw)
     taps = [jnp.sum(xp[:, i * dh:i * dh + ho, j * dw:j * dw + wo, :] * dy, axis=(0, 1, 2))
             for i in range(kh) for j in range(kw)]

@@ -1,0 +1,187 @@
+"""The native CPU kernels (flaxrestore.native): against torch, against the pure-JAX path they
+replace, where they are used, and what happens when they cannot be built."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import jax
+import jax.numpy as jnp
+from flaxrestore import layers, native
+
+needs_native = pytest.mark.skipif(native._compiler() is None or jax.default_backend() != "cpu",
+                                  reason="no C++ compiler on this machine (or not on CPU)")
+
+
+def _nchw(a):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(0, 3, 1, 2)))
+
+
+def _torch_depthwise_grads(x, kernel, dy, pad, dil):
+    """torch's depthwise conv2d (groups = C): (kernel gradient HWIO, input gradient NHWC)."""
+    c = x.shape[-1]
+    tw = torch.from_numpy(np.asarray(kernel).transpose(3, 2, 0, 1).copy()).requires_grad_()
+    tx = _nchw(x).requires_grad_()
+    ty = torch.nn.functional.conv2d(tx, tw, None, 1, pad, dil, groups=c)
+    (ty * _nchw(dy)).sum().backward()
+    return tw.grad.numpy().transpose(2, 3, 1, 0), tx.grad.numpy().transpose(0, 2, 3, 1)
+
+
+@needs_native
+@pytest.mark.parametrize("shape,k,pad,dil", [
+    ((2, 9, 11, 5), 3, (1, 1), (1, 1)),    # Restormer / DarkIR: 3x3, same padding
+    ((1, 8, 8, 17), 3, (0, 0), (1, 1)),    # no padding: output smaller than x
+    ((3, 7, 10, 4), 3, (2, 2), (2, 2)),    # dilated (DarkIR's dilated branches)
+    ((2, 12, 9, 3), 5, (3, 1), (1, 2)),    # 5x5, unequal padding / dilation per axis
+    ((1, 5, 6, 1), 3, (3, 3), (1, 1)),     # padding beyond the kernel: output larger than x
+    ((2, 33, 40, 48), 3, (1, 1), (1, 1)),  # enough rows and channels to split over threads
+])
+def test_depthwise_kernel_grad_matches_torch(shape, k, pad, dil):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    kernel = rng.standard_normal((k, k, 1, shape[-1])).astype(np.float32)
+    ho = shape[1] + 2 * pad[0] - dil[0] * (k - 1)
+    wo = shape[2] + 2 * pad[1] - dil[1] * (k - 1)
+    dy = rng.standard_normal((shape[0], ho, wo, shape[-1])).astype(np.float32)
+    t_kernel, _ = _torch_depthwise_grads(x, kernel, dy, pad, dil)
+    assert native.available(), native.load_error()
+    got = jax.jit(lambda x, dy: native.depthwise_kernel_grad(x, dy, (k, k), pad, dil))(x, dy)
+    assert got.shape == (k, k, 1, shape[-1])
+    np.testing.assert_allclose(np.asarray(got), t_kernel, rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+def test_depthwise_kernel_grad_rejects_bad_input():
+    x = jnp.zeros((1, 6, 6, 4))
+    with pytest.raises(ValueError, match="dy has shape"):
+        native.depthwise_kernel_grad(x, jnp.zeros((1, 5, 6, 4)), (3, 3), (1, 1))
+    with pytest.raises(TypeError, match="float32"):
+        native.depthwise_kernel_grad(x.astype(jnp.bfloat16), jnp.zeros((1, 6, 6, 4), jnp.bfloat16),
+                                     (3, 3), (1, 1))
+
+
+def _depthwise_conv_grads(conv, x, dy):
+    graphdef, state = nnx.split(conv)
+    grad = jax.jit(jax.grad(lambda st, x: jnp.sum(nnx.merge(graphdef, st)(x) * dy), (0, 1)),
+                   compiler_options=layers.compiler_options())
+    g_state, g_x = grad(state, jnp.asarray(x))
+    return np.asarray(g_state["kernel"][...]), np.asarray(g_x), grad
+
+
+@needs_native
+@pytest.mark.parametrize("pad,dil", [(1, 1), (2, 2)])
+def test_conv2d_depthwise_grads_native_and_jax_paths_match_torch(monkeypatch, pad, dil):
+    """Conv2d's depthwise backward with the native kernel gradient and with the pure-JAX one
+    (FLAXRESTORE_NATIVE=0): both equal torch's, and only the first calls the native kernel."""
+    rng = np.random.default_rng(3)
+    c = 12
+    conv = layers.Conv2d(c, c, 3, padding=pad, dilation=dil, groups=c, rngs=nnx.Rngs(0))
+    x = rng.standard_normal((2, 10, 9, c)).astype(np.float32)
+    dy = rng.standard_normal(conv(jnp.asarray(x)).shape).astype(np.float32)
+    t_kernel, t_x = _torch_depthwise_grads(x, conv.kernel[...], dy, (pad, pad), (dil, dil))
+    texts = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv(native.NATIVE_ENV, setting)
+        g_kernel, g_x, grad = _depthwise_conv_grads(conv, x, dy)
+        np.testing.assert_allclose(g_kernel, t_kernel, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(g_x, t_x, rtol=1e-4, atol=1e-4)
+        texts[setting] = grad.lower(nnx.split(conv)[1], jnp.asarray(x)).as_text()
+    assert "flaxrestore_depthwise_kernel_grad" in texts["1"]
+    assert "flaxrestore_depthwise_kernel_grad" not in texts["0"]
+
+
+def _run_isolated(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
+    full_env.pop(native.NATIVE_ENV, None)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env=full_env, timeout=300)
+
+
+_FALLBACK_CHECK = """
+    import warnings
+    import numpy as np, jax, jax.numpy as jnp
+    from flax import nnx
+    from flaxrestore import layers, native
+    conv = layers.Conv2d(6, 6, 3, padding=1, groups=6, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).standard_normal((1, 7, 8, 6)).astype(np.float32)
+    graphdef, state = nnx.split(conv)
+    loss = lambda st, x: jnp.sum(jnp.square(nnx.merge(graphdef, st)(x)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = jax.jit(jax.grad(loss))(state, jnp.asarray(x))["kernel"][...]
+    print("AVAILABLE", native.available())
+    print("ERROR", str(native.load_error()).replace("\\n", " | "))
+    print("WARNED", sum("native CPU kernels unavailable" in str(w.message) for w in caught))
+    # the pure-JAX kernel gradient, written out: sum over the shifted padded x times dy
+    y = conv(jnp.asarray(x)); dy = 2 * y
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    ref = np.stack([np.einsum("bhwc,bhwc->c", xp[:, i:i + 7, j:j + 8], np.asarray(dy))
+                    for i in range(3) for j in range(3)]).reshape(3, 3, 1, 6)
+    print("MAXDIFF", float(np.abs(np.asarray(g) - ref).max()))
+"""
+
+
+def _parse(out: str) -> dict:
+    return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
+
+def test_no_compiler_falls_back_with_a_warning(tmp_path):
+    """Without any C++ compiler the gradient still comes out right (pure-JAX path), after one
+    warning that names the reason."""
+    proc = _run_isolated(_FALLBACK_CHECK, PATH=str(tmp_path), CXX="",
+                         FLAXRESTORE_CACHE_DIR=str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = _parse(proc.stdout)
+    assert got["AVAILABLE"] == "False"
+    assert "no C++ compiler" in got["ERROR"]
+    assert got["WARNED"] == "1"
+    assert float(got["MAXDIFF"]) < 1e-4
+
+
+def test_failing_build_falls_back_with_the_compiler_error(tmp_path):
+    """A compiler that fails: the error carries its output; the gradient is still right."""
+    fake = tmp_path / "fake-cxx"
+    fake.write_text("#!/bin/sh\necho 'fake compiler: refusing' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    proc = _run_isolated(_FALLBACK_CHECK, CXX=str(fake),
+                         FLAXRESTORE_CACHE_DIR=str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = _parse(proc.stdout)
+    assert got["AVAILABLE"] == "False"
+    assert "refusing" in got["ERROR"]
+    assert got["WARNED"] == "1"
+    assert float(got["MAXDIFF"]) < 1e-4
+    assert not any(p.suffix == ".so" for p in (tmp_path / "cache").rglob("*"))
+
+
+@needs_native
+def test_build_is_cached_and_reused(tmp_path):
+    """The first process builds into the cache directory; a second one loads the same file
+    without compiling (its compiler would fail)."""
+    code = """
+        from flaxrestore import native
+        print("AVAILABLE", native.available())
+        print("PATH", native.library_path())
+        print("ERROR", str(native.load_error()).replace("\\n", " | "))
+    """
+    cache = tmp_path / "cache"
+    first = _parse(_run_isolated(code, FLAXRESTORE_CACHE_DIR=str(cache)).stdout)
+    assert first["AVAILABLE"] == "True", first
+    assert first["PATH"].startswith(str(cache))
+    # same compiler path and version, but compiling now fails: only a cache hit can succeed
+    real = native._compiler()
+    wrapper = tmp_path / "bin" / os.path.basename(real)
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nif [ "$1" = "--version" ]; then exec {real} --version; fi\n'
+                       "exit 1\n")
+    wrapper.chmod(0o755)
+    second = _parse(_run_isolated(code, FLAXRESTORE_CACHE_DIR=str(cache),
+                                  CXX=str(wrapper)).stdout)
+    assert second["AVAILABLE"] == "True", second
+    assert second["PATH"] == first["PATH"]
