@@ -148,15 +148,18 @@ _TRIMS = {"timed": 0, "above": TRIM_ABOVE}  # trimmed timed calls (for the notes
 
 def timed(fn) -> float:
     # Untimed, before the call: when the process holds more than --trim-above of the machine's
-    # memory, return what the previous calls freed to the OS. Without it glibc kept torch's freed
-    # activations and XLA's temporaries both resident and Restormer's training step (13.8 GB of
-    # XLA temporaries at 4x128x128) ran out of the 24 GB machine's memory. Below that, freed
+    # memory, return what the previous calls freed to the OS, then make one untimed call, which
+    # faults the memory in again: the timed call then runs warm, as every step of a training
+    # loop after the first does. Without the trim glibc kept torch's freed activations and XLA's
+    # temporaries both resident and Restormer's training step (13.8 GB of XLA temporaries at
+    # 4x128x128) ran out of the 24 GB machine's memory; timing the call right after the trim
+    # measured the page faults more than the step (Restormer 4x128: 3.9 million faults, Flax
+    # 36-38 s cold against 17 s warm, torch 32-35 s against 16-17 s). Below the threshold, freed
     # memory stays for reuse, for both frameworks, as in a training or inference process
-    # (retain_freed_cpu_memory): trimming before every call made each call fault its memory in
-    # again (SNR-Aware's training step: 130,000 page faults, +0.3 s; DarkIR-m's: 1.7 million,
-    # +8 s; torch's forwards lost up to 10% to it as well).
+    # (retain_freed_cpu_memory).
     if not RETAINS_MEMORY or not MEM_TOTAL or _rss() > _TRIMS["above"] * MEM_TOTAL:
         _trim()
+        fn()
         _TRIMS["timed"] += 1
     else:
         gc.collect()
@@ -167,7 +170,8 @@ def timed(fn) -> float:
 
 def _trim_note(before: int) -> str:
     n = _TRIMS["timed"] - before
-    return f", freed memory returned to the OS before {n} timed calls" if n else ""
+    return (f", freed memory returned to the OS and faulted in again by an untimed call before "
+            f"{n} timed calls" if n else "")
 
 
 def interleaved(fns: dict, repeats: int, label: str) -> dict[str, list[float]]:
@@ -590,9 +594,10 @@ size (Flax: the trainer's jitted step; torch: the reference module, the same los
 eager NCHW). Medians of interleaved
 rounds (`--repeats`, `--train-repeats`) after one warm-up call each. Both frameworks share the
 process and its malloc, which keeps freed memory for reuse (as the trainer sets it up:
-`flaxrestore.layers.retain_freed_cpu_memory`); freed memory is returned to the OS before a
-timed call only when the process holds more than half the machine's memory (`--trim-above`),
-and the row's notes say when that happened (each call then faults its memory in again).
+`flaxrestore.layers.retain_freed_cpu_memory`); only when the process holds more than half the
+machine's memory (`--trim-above`) is freed memory returned to the OS before a timed call, and
+then one untimed call faults it in again, so that the timed call runs warm as the steps of a
+training loop do (the row's notes say when that happened).
 **Flax / torch** is Flax over torch NCHW eager; below 1 Flax is faster. Compile: lowering + XLA
 compile of that program (once per shape; on CPU with `flaxrestore.layers.compiler_options()`:
 3x3 convolutions on XNNPACK, `FLAXRESTORE_XNN_CONVS=0` for XLA's defaults; the forward's 3x3

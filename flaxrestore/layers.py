@@ -701,10 +701,11 @@ def pixel_shuffle(x: jax.Array, r: int) -> jax.Array:
     return x.transpose(0, 1, 4, 2, 5, 3).reshape(b, h * r, w * r, c // (r * r))
 
 
-def l2_normalize(x: jax.Array, axis: int, eps: float = 1e-12) -> jax.Array:
-    """F.normalize: x / max(||x||_2, eps) (eps clamps the norm, it is not added)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+def l2_norm(x: jax.Array, axis: int, eps: float = 1e-12, keepdims: bool = False) -> jax.Array:
+    """max(||x||_2, eps) over ``axis``: the divisor of F.normalize (eps clamps the norm, it is
+    not added)."""
+    return jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=keepdims)), eps)
+
 
 
 def _bilinear_taps(n_in: int, n_out: int, scale_factor: float | None, align_corners: bool):
