@@ -242,11 +242,22 @@ def depthwise_conv2d(x, kernel, padding=(0, 0), dilation=(1, 1)):
 
     Backward: dx is the same shifted conv of dy (padded by dilation*(k-1)-padding) with the
     spatially flipped kernel; dkernel[i, j] is the sum over batch and space of the (i, j)-shifted
-    padded x times dy, for float32 by :func:`flaxrestore.native.depthwise_kernel_grad` (one pass
-    over memory) when the native kernels are available, else one reduction per tap.
+    padded x times dy. For float32, when :func:`flaxrestore.native.available`, the three are
+    native kernels (:func:`flaxrestore.native.depthwise_conv`,
+    :func:`~flaxrestore.native.depthwise_kernel_grad`: one pass over memory each); otherwise
+    shifted multiply-adds and one reduction per tap.
     """
     ph, pw = padding
+    if _native_depthwise(x, kernel):
+        kh, kw = kernel.shape[:2]
+        out_hw = (x.shape[1] + 2 * ph - dilation[0] * (kh - 1),
+                  x.shape[2] + 2 * pw - dilation[1] * (kw - 1))
+        return native.depthwise_conv(x, kernel, out_hw, padding, dilation)
     return depthwise_conv_shifted(_zero_pad_hw(x, ph, ph, pw, pw), kernel, dilation)
+
+
+def _native_depthwise(*arrays) -> bool:
+    return all(a.dtype == jnp.float32 for a in arrays) and native.available()
 
 
 def _depthwise_fwd(x, kernel, padding, dilation):
@@ -261,12 +272,13 @@ def _depthwise_bwd(padding, dilation, res, dy):
     h, w = x.shape[1:3]
     ho, wo = dy.shape[1:3]
     th, tw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+    if _native_depthwise(x, dy, kernel):
+        # dk in one pass over x and dy instead of one reduction per tap over a shifted copy of x
+        dx = native.depthwise_conv(dy, kernel[::-1, ::-1], (h, w), (th, tw), dilation)
+        dk = native.depthwise_kernel_grad(x, dy, (kh, kw), padding, dilation)
+        return dx, dk
     dyp = _zero_pad_hw(dy, th, h + dh * (kh - 1) - ho - th, tw, w + dw * (kw - 1) - wo - tw)
     dx = depthwise_conv_shifted(dyp, kernel[::-1, ::-1], dilation)
-    if x.dtype == dy.dtype == jnp.float32 and native.available():
-        # one pass over x and dy instead of one reduction per tap over a shifted copy of x
-        dk = native.depthwise_kernel_grad(x, dy, (kh, kw), padding, dilation)
-        return dx.astype(x.dtype), dk.astype(kernel.dtype)
     xp = _zero_pad_hw(x, ph, ph, pw, pw)
     taps = [jnp.sum(xp[:, i * dh:i * dh + ho, j * dw:j * dw + wo, :] * dy, axis=(0, 1, 2))
             for i in range(kh) for j in range(kw)]

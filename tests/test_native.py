@@ -57,13 +57,51 @@ def test_depthwise_kernel_grad_matches_torch(shape, k, pad, dil):
 
 
 @needs_native
-def test_depthwise_kernel_grad_rejects_bad_input():
+@pytest.mark.parametrize("shape,k,pad,dil", [
+    ((2, 9, 11, 5), 3, (1, 1), (1, 1)),
+    ((1, 8, 8, 17), 3, (0, 0), (1, 1)),
+    ((3, 7, 10, 4), 3, (2, 2), (2, 2)),
+    ((2, 12, 9, 3), 5, (3, 1), (1, 2)),
+    ((1, 5, 6, 1), 3, (3, 3), (1, 1)),
+    ((2, 33, 40, 48), 3, (1, 1), (1, 1)),
+])
+def test_depthwise_conv_and_input_grad_match_torch(shape, k, pad, dil):
+    """native.depthwise_conv as the forward (top-left offset = padding) and as the input
+    gradient (the flipped kernel, offset dilation * (k - 1) - padding, x's size)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(np.float32)
+    kernel = rng.standard_normal((k, k, 1, shape[-1])).astype(np.float32)
+    c = shape[-1]
+    tx = _nchw(x).requires_grad_()
+    tw = torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy())
+    ty = torch.nn.functional.conv2d(tx, tw, None, 1, pad, dil, groups=c)
+    dy = rng.standard_normal(ty.shape).astype(np.float32)
+    (ty * torch.from_numpy(dy)).sum().backward()
+    dy = dy.transpose(0, 2, 3, 1)
+    out_hw = dy.shape[1:3]
+    assert native.available(), native.load_error()
+    y = native.depthwise_conv(jnp.asarray(x), jnp.asarray(kernel), out_hw, pad, dil)
+    np.testing.assert_allclose(np.asarray(y), ty.detach().numpy().transpose(0, 2, 3, 1),
+                               rtol=1e-5, atol=1e-5)
+    top_left = (dil[0] * (k - 1) - pad[0], dil[1] * (k - 1) - pad[1])
+    dx = native.depthwise_conv(jnp.asarray(dy), jnp.asarray(kernel[::-1, ::-1].copy()),
+                               shape[1:3], top_left, dil)
+    np.testing.assert_allclose(np.asarray(dx), tx.grad.numpy().transpose(0, 2, 3, 1),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_native_depthwise_rejects_bad_input():
     x = jnp.zeros((1, 6, 6, 4))
     with pytest.raises(ValueError, match="dy has shape"):
         native.depthwise_kernel_grad(x, jnp.zeros((1, 5, 6, 4)), (3, 3), (1, 1))
     with pytest.raises(TypeError, match="float32"):
         native.depthwise_kernel_grad(x.astype(jnp.bfloat16), jnp.zeros((1, 6, 6, 4), jnp.bfloat16),
                                      (3, 3), (1, 1))
+    with pytest.raises(ValueError, match="kernel has shape"):
+        native.depthwise_conv(x, jnp.zeros((3, 3, 1, 5)), (6, 6), (1, 1))
+    with pytest.raises(TypeError, match="float32"):
+        native.depthwise_conv(x.astype(jnp.bfloat16), jnp.zeros((3, 3, 1, 4)), (6, 6), (1, 1))
 
 
 def _depthwise_conv_grads(conv, x, dy):
@@ -77,23 +115,31 @@ def _depthwise_conv_grads(conv, x, dy):
 @needs_native
 @pytest.mark.parametrize("pad,dil", [(1, 1), (2, 2)])
 def test_conv2d_depthwise_grads_native_and_jax_paths_match_torch(monkeypatch, pad, dil):
-    """Conv2d's depthwise backward with the native kernel gradient and with the pure-JAX one
-    (FLAXRESTORE_NATIVE=0): both equal torch's, and only the first calls the native kernel."""
+    """Conv2d's depthwise conv and its gradients with the native kernels and with the pure-JAX
+    formulation (FLAXRESTORE_NATIVE=0): both equal torch's, and only the first calls them."""
     rng = np.random.default_rng(3)
     c = 12
     conv = layers.Conv2d(c, c, 3, padding=pad, dilation=dil, groups=c, rngs=nnx.Rngs(0))
     x = rng.standard_normal((2, 10, 9, c)).astype(np.float32)
     dy = rng.standard_normal(conv(jnp.asarray(x)).shape).astype(np.float32)
     t_kernel, t_x = _torch_depthwise_grads(x, conv.kernel[...], dy, (pad, pad), (dil, dil))
+    tx = _nchw(x)
+    tw = torch.from_numpy(np.asarray(conv.kernel[...]).transpose(3, 2, 0, 1).copy())
+    t_y = torch.nn.functional.conv2d(tx, tw, torch.from_numpy(np.array(conv.bias[...])), 1,
+                                     pad, dil, groups=c).numpy().transpose(0, 2, 3, 1)
     texts = {}
     for setting in ("1", "0"):
         monkeypatch.setenv(native.NATIVE_ENV, setting)
+        graphdef, state = nnx.split(conv)
+        y = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))(state, jnp.asarray(x))
+        np.testing.assert_allclose(np.asarray(y), t_y, rtol=1e-5, atol=1e-5)
         g_kernel, g_x, grad = _depthwise_conv_grads(conv, x, dy)
         np.testing.assert_allclose(g_kernel, t_kernel, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(g_x, t_x, rtol=1e-4, atol=1e-4)
         texts[setting] = grad.lower(nnx.split(conv)[1], jnp.asarray(x)).as_text()
-    assert "flaxrestore_depthwise_kernel_grad" in texts["1"]
-    assert "flaxrestore_depthwise_kernel_grad" not in texts["0"]
+    for target in ("flaxrestore_depthwise_conv", "flaxrestore_depthwise_kernel_grad"):
+        assert target in texts["1"]
+        assert target not in texts["0"]
 
 
 def _run_isolated(code: str, **env) -> subprocess.CompletedProcess:

@@ -1,5 +1,14 @@
 // flaxrestore native CPU kernels, loaded through the XLA FFI (see flaxrestore/native.py).
 //
+// depthwise_conv: a stride-1 depthwise convolution, NHWC, kernel (kh, kw, 1, C), zero padding
+// given as the top/left offsets and the output size (so that the input gradient, a conv of the
+// output gradient with the flipped kernel and other padding, is the same kernel):
+//
+//   y[b, ho, wo, c] = sum over i, j of  x[b, ho + i*dh - pt, wo + j*dw - pl, c] * k[i, j, c]
+//
+// Each output pixel's taps are summed in a buffer of C floats (cache-resident), channels
+// innermost, and stored once.
+//
 // depthwise_kernel_grad: the kernel gradient of a stride-1 depthwise convolution, NHWC.
 //
 //   dk[i, j, c] = sum over b, ho, wo of  x[b, ho + i*dh - ph, wo + j*dw - pw, c] * dy[b, ho, wo, c]
@@ -60,34 +69,84 @@ void AccumulateRows(const Geometry& g, const float* x, const float* dy, int64_t 
   }
 }
 
-// Work shared between the calling thread and the pool's helpers; owned jointly (a helper that
-// starts after all chunks are claimed must still find it alive).
-struct Job {
-  Geometry g;
-  const float* x;
-  const float* dy;
-  int64_t rows, chunks;
-  std::vector<double> partial;  // chunks x taps x C
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> finished{0};
-  std::mutex mu;
-  std::condition_variable cv;
-
-  void Work() {
-    const int64_t tc = g.kh * g.kw * g.C;
-    std::vector<float> racc(tc);
+// Runs body(chunk, begin, end) over [0, n) split into `chunks` contiguous ranges (chunk k covers
+// [n*k/chunks, n*(k+1)/chunks)), on the calling thread and the XLA thread pool's threads; returns
+// when all are done. Returns the number of chunks used.
+template <typename Body>
+int64_t ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunks, Body body) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> finished{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  chunks = std::max<int64_t>(1, std::min(chunks, n));
+  auto state = std::make_shared<State>();
+  auto work = [state, n, chunks, body]() {
     for (;;) {
-      const int64_t k = next.fetch_add(1);
+      const int64_t k = state->next.fetch_add(1);
       if (k >= chunks) return;
-      const int64_t begin = rows * k / chunks, end = rows * (k + 1) / chunks;
-      AccumulateRows(g, x, dy, begin, end, partial.data() + k * tc, racc.data());
-      if (finished.fetch_add(1) + 1 == chunks) {
-        std::lock_guard<std::mutex> lock(mu);
-        cv.notify_all();
+      body(k, n * k / chunks, n * (k + 1) / chunks);
+      if (state->finished.fetch_add(1) + 1 == chunks) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
       }
     }
+  };
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  for (int64_t t = 1; t < std::min(threads, chunks); ++t) pool.Schedule([work] { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->finished.load() == chunks; });
+  return chunks;
+}
+
+ffi::Error DepthwiseConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                         ffi::ResultBuffer<ffi::F32> y, int64_t pt, int64_t pl, int64_t dh,
+                         int64_t dw) {
+  const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
+  if (xd.size() != 4 || kd.size() != 4 || yd.size() != 4 || kd[2] != 1 || kd[3] != xd[3] ||
+      yd[0] != xd[0] || yd[3] != xd[3]) {
+    return ffi::Error::InvalidArgument("depthwise_conv: inconsistent shapes");
   }
-};
+  const int64_t B = xd[0], H = xd[1], W = xd[2], C = xd[3], Ho = yd[1], Wo = yd[2];
+  const int64_t kh = kd[0], kw = kd[1];
+  const float* xs = x.typed_data();
+  const float* ks = k.typed_data();
+  float* ys = y->typed_data();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t by_work = std::max<int64_t>(1, B * Ho * Wo * C * kh * kw / (1 << 18));
+  ParallelFor(pool, B * Ho, std::min(4 * threads, by_work),
+              [=](int64_t, int64_t begin, int64_t end) {
+    std::vector<float> acc(C);
+    std::vector<const float*> rows(kh);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / Ho, ho = row % Ho;
+      for (int64_t i = 0; i < kh; ++i) {
+        const int64_t hx = ho + i * dh - pt;
+        rows[i] = (hx < 0 || hx >= H) ? nullptr : xs + (b * H + hx) * W * C;
+      }
+      float* yrow = ys + row * Wo * C;
+      for (int64_t wo = 0; wo < Wo; ++wo) {
+        // all taps of one output pixel summed in a cache-resident buffer, stored once
+        float* a = acc.data();
+        std::fill(a, a + C, 0.0f);
+        for (int64_t i = 0; i < kh; ++i) {
+          if (rows[i] == nullptr) continue;
+          for (int64_t j = 0; j < kw; ++j) {
+            const int64_t wx = wo + j * dw - pl;
+            if (wx < 0 || wx >= W) continue;
+            const float* xp = rows[i] + wx * C;
+            const float* kt = ks + (i * kw + j) * C;
+            for (int64_t c = 0; c < C; ++c) a[c] += xp[c] * kt[c];
+          }
+        }
+        std::copy(a, a + C, yrow + wo * C);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
 
 ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk,
@@ -102,35 +161,40 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     return ffi::Error::InvalidArgument("depthwise_kernel_grad: inconsistent shapes");
   }
   const int64_t tc = g.kh * g.kw * g.C;
-  auto job = std::make_shared<Job>();
-  job->g = g;
-  job->x = x.typed_data();
-  job->dy = dy.typed_data();
-  job->rows = g.B * g.Ho;
+  const int64_t rows = g.B * g.Ho;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // a few chunks per thread balance the load; each chunk's partial sums cost tc doubles
-  const int64_t work = g.B * g.Ho * g.Wo * tc;
-  const int64_t by_work = std::max<int64_t>(1, work / (1 << 18));
-  job->chunks = std::max<int64_t>(1, std::min({job->rows, 4 * threads, by_work}));
-  job->partial.assign(job->chunks * tc, 0.0);
-  for (int64_t t = 1; t < std::min(threads, job->chunks); ++t) {
-    pool.Schedule([job] { job->Work(); });
-  }
-  job->Work();
-  {
-    std::unique_lock<std::mutex> lock(job->mu);
-    job->cv.wait(lock, [&] { return job->finished.load() == job->chunks; });
-  }
+  const int64_t by_work = std::max<int64_t>(1, rows * g.Wo * tc / (1 << 18));
+  const int64_t chunks = std::max<int64_t>(1, std::min({rows, 4 * threads, by_work}));
+  std::vector<double> partial(chunks * tc, 0.0);
+  const float* xs = x.typed_data();
+  const float* dys = dy.typed_data();
+  double* parts = partial.data();
+  ParallelFor(pool, rows, chunks, [=](int64_t k, int64_t begin, int64_t end) {
+    std::vector<float> racc(tc);
+    AccumulateRows(g, xs, dys, begin, end, parts + k * tc, racc.data());
+  });
   float* out = dk->typed_data();
   for (int64_t t = 0; t < tc; ++t) {
     double s = 0.0;
-    for (int64_t k = 0; k < job->chunks; ++k) s += job->partial[k * tc + t];
+    for (int64_t k = 0; k < chunks; ++k) s += partial[k * tc + t];
     out[t] = static_cast<float>(s);
   }
   return ffi::Error::Success();
 }
 
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxrestoreDepthwiseConv, DepthwiseConv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pt")
+                                  .Attr<int64_t>("pl")
+                                  .Attr<int64_t>("dh")
+                                  .Attr<int64_t>("dw"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FlaxrestoreDepthwiseKernelGrad, DepthwiseKernelGrad,
                               ffi::Ffi::Bind()
