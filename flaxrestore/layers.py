@@ -296,18 +296,19 @@ def _conv_lib(x, kernel, stride, padding, dilation, groups):
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
 
 
-def _x_windows(x, kernel_hw, out_hw, stride, padding, dilation):
+def _x_windows(x, kernel_hw, out_hw, stride, padding, dilation, rows=None):
     """The kh*kw windows of zero-padded x that tap (i, j) of a conv reads, each (n, ho, wo, c),
-    in (i, j) row-major order."""
+    in (i, j) row-major order; with ``rows = (r0, r1)`` only those output rows."""
     kh, kw = kernel_hw
     ho, wo = out_hw
     sh, sw = stride
     ph, pw = padding
     dh, dw = dilation
+    r0, r1 = rows if rows is not None else (0, ho)
     xp = _zero_pad_hw(x, ph, ph, pw, pw)
     n, c = xp.shape[0], xp.shape[-1]
-    return [jax.lax.slice(xp, (0, i * dh, j * dw, 0),
-                          (n, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
+    return [jax.lax.slice(xp, (0, i * dh + r0 * sh, j * dw, 0),
+                          (n, i * dh + (r1 - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
                           (1, sh, sw, 1))
             for i in range(kh) for j in range(kw)]
 
@@ -334,8 +335,8 @@ def conv_kernel_grad_taps(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), di
 # shifted copies of the narrower side (9x its size for a 3x3 kernel), all held at once, up to
 # this size when both sides have similar widths. Trainer step time with this limit / with 32 MB
 # (in-process A/B, 2-core machine): SNR-Aware 0.93-0.97 (+103 MiB of XLA temporaries),
-# DarkIR-m 0.93 (same memory), AECR-Net 1.00, Restormer 0.96-1.01 (noise); MPRNet's convs
-# (226 MB and more at its patch sizes) keep the taps
+# DarkIR-m 0.93 (same memory), AECR-Net 1.00, Restormer 0.96-1.01 (noise). Larger copies
+# (MPRNet's convs: 226 MB and more at its patch sizes) are made per block of rows
 _IM2COL_MAX_BYTES = 160 << 20
 
 
@@ -347,8 +348,9 @@ def conv_kernel_grad(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), dilatio
     shifted windows if it has fewer channels than dy, else dy shifted onto x's grid) and the
     gradient is ONE matmul with the other side as it is; this replaces kh*kw matmuls whose
     outputs are as narrow as the channel counts (measured on the 2-core machine, 4x128x128
-    64->3: 157 ms as taps, 16 ms so; 4x32x32 64->64: 12.5 -> 9.4 ms). Strided or grouped convs,
-    and those whose copies would exceed 160 MB with both sides of similar width, use
+    64->3: 157 ms as taps, 16 ms so; 4x32x32 64->64: 12.5 -> 9.4 ms). When the copies would
+    exceed 160 MB with both sides of similar width, the rows are split into blocks of at most
+    80 MB of copies, one matmul each, summed. Strided or grouped convs use
     :func:`conv_kernel_grad_taps`.
     """
     kh, kw, _, cout = kernel_shape
@@ -359,9 +361,11 @@ def conv_kernel_grad(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), dilatio
     # a side 8x narrower than the other: the taps would copy 8x more (AECR-Net's 7x7 64->3 at
     # 4x240x240: 1677 ms as taps, 183 ms so, with 135 MB of copies held at once)
     lopsided = 8 * narrow <= max(c, cout)
-    if (tuple(stride) != (1, 1) or groups != 1 or kh * kw == 1
-            or (copies > _IM2COL_MAX_BYTES and not lopsided)):
+    if tuple(stride) != (1, 1) or groups != 1 or kh * kw == 1:
         return conv_kernel_grad_taps(x, dy, kernel_shape, stride, padding, dilation, groups)
+    # above the limit, blocks of image rows, one matmul each, summed (MPRNet's ORSNet conv at
+    # 2x256x256, 128 -> 128: 482 ms as taps, 344 ms in 8 blocks of 32 rows; torch 284 ms)
+    blocks = 1 if lopsided else max(1, -(-copies // (_IM2COL_MAX_BYTES // 2)))
     ph, pw = padding
     dh, dw = dilation
     h, w = x.shape[1:3]
@@ -370,18 +374,38 @@ def conv_kernel_grad(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), dilatio
         # grid, zeros where it has no value): windows of one zero-padded dy
         top, left = max(0, (kh - 1) * dh - ph), max(0, (kw - 1) * dw - pw)
         dyp = _zero_pad_hw(dy, top, max(0, ph + h - ho), left, max(0, pw + w - wo))
-        wins = []
-        for i in range(kh):
-            for j in range(kw):
-                r, q = top + ph - i * dh, left + pw - j * dw
-                wins.append(dyp[:, r:r + h, q:q + w, :])
-        cols = jnp.concatenate(wins, axis=-1).reshape(-1, kh * kw * cout)
-        g = x.reshape(-1, c).T @ cols  # (c, kh*kw*cout)
+
+        def block(r0, r1):  # x's rows [r0, r1)
+            wins = []
+            for i in range(kh):
+                for j in range(kw):
+                    r, q = top + ph - i * dh + r0, left + pw - j * dw
+                    wins.append(dyp[:, r:r + r1 - r0, q:q + w, :])
+            cols = jnp.concatenate(wins, axis=-1).reshape(-1, kh * kw * cout)
+            return x[:, r0:r1].reshape(-1, c).T @ cols  # (c, kh*kw*cout)
+
+        g = _sum_row_blocks(block, h, blocks)
         return g.reshape(c, kh, kw, cout).transpose(1, 2, 0, 3)
+
     # dkernel[i, j] = (x's (i, j)-shifted window)^T @ dy, all taps in one matmul
-    cols = jnp.concatenate(_x_windows(x, (kh, kw), (ho, wo), stride, padding, dilation), axis=-1)
-    g = cols.reshape(-1, kh * kw * c).T @ dy.reshape(-1, cout)  # (kh*kw*c, cout)
+    def block(r0, r1):  # dy's rows [r0, r1)
+        wins = _x_windows(x, (kh, kw), (ho, wo), stride, padding, dilation, rows=(r0, r1))
+        cols = jnp.concatenate(wins, axis=-1)
+        return cols.reshape(-1, kh * kw * c).T @ dy[:, r0:r1].reshape(-1, cout)
+
+    g = _sum_row_blocks(block, ho, blocks)  # (kh*kw*c, cout)
     return g.reshape(kh, kw, c, cout)
+
+
+def _sum_row_blocks(block, rows: int, blocks: int):
+    """sum of block(r0, r1) over ``blocks`` near-equal ranges of [0, rows)."""
+    blocks = max(1, min(blocks, rows))
+    edges = [rows * k // blocks for k in range(blocks + 1)]
+    total = None
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        part = block(r0, r1)
+        total = part if total is None else total + part
+    return total
 
 
 # Winograd F(2x2, 3x3): input-tile transform B^T d B, kernel transform G g G^T, output

@@ -296,6 +296,27 @@ def test_conv_kernel_grad_paths_agree_with_taps():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("cin,cout,pad,dil", [(8, 8, 1, 1), (4, 6, 1, 1), (6, 5, 2, 2),
+                                               (5, 6, 0, 1)])
+def test_conv_kernel_grad_row_blocks_agree_with_taps(monkeypatch, cin, cout, pad, dil):
+    """Above the copy limit the one-matmul kernel gradient runs over blocks of rows (both the
+    dy-windows and the x-windows form, uneven blocks, padding and dilation): equal to the taps."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, 11, 9, cin)), jnp.float32)
+    ho, wo = 11 + 2 * pad - 2 * dil, 9 + 2 * pad - 2 * dil
+    dy = jnp.asarray(rng.standard_normal((2, ho, wo, cout)), jnp.float32)
+    shape = (3, 3, cin, cout)
+    b = layers.conv_kernel_grad_taps(x, dy, shape, padding=(pad, pad), dilation=(dil, dil))
+    one = layers.conv_kernel_grad(x, dy, shape, padding=(pad, pad), dilation=(dil, dil))
+    monkeypatch.setattr(layers, "_IM2COL_MAX_BYTES", 2 * 9 * 2 * 3 * 9 * min(cin, cout) * 4)
+    hlo = jax.jit(lambda x, dy: layers.conv_kernel_grad(
+        x, dy, shape, padding=(pad, pad), dilation=(dil, dil))).lower(x, dy).as_text()
+    assert hlo.count("dot_general") >= 3  # several row blocks, one matmul each
+    blocked = layers.conv_kernel_grad(x, dy, shape, padding=(pad, pad), dilation=(dil, dil))
+    np.testing.assert_allclose(np.asarray(one), np.asarray(b), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(b), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("shape", [(4, 64, 32), (3, 5, 7)])
 def test_materialize_is_an_exact_identity(dtype, shape):
