@@ -177,17 +177,23 @@ def _parse(out: str) -> dict:
     return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
 
 
+def _assert_fell_back(proc, reason: str) -> None:
+    """The isolated run found no native kernels (load error containing ``reason``), warned once
+    and still computed the right kernel gradient."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = _parse(proc.stdout)
+    assert got["AVAILABLE"] == "False"
+    assert reason in got["ERROR"]
+    assert got["WARNED"] == "1"
+    assert float(got["MAXDIFF"]) < 1e-4
+
+
 def test_no_compiler_falls_back_with_a_warning(tmp_path):
     """Without any C++ compiler the gradient still comes out right (pure-JAX path), after one
     warning that names the reason."""
     proc = _run_isolated(_FALLBACK_CHECK, PATH=str(tmp_path), CXX="",
                          FLAXRESTORE_CACHE_DIR=str(tmp_path / "cache"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = _parse(proc.stdout)
-    assert got["AVAILABLE"] == "False"
-    assert "no C++ compiler" in got["ERROR"]
-    assert got["WARNED"] == "1"
-    assert float(got["MAXDIFF"]) < 1e-4
+    _assert_fell_back(proc, "no C++ compiler")
 
 
 def test_failing_build_falls_back_with_the_compiler_error(tmp_path):
@@ -197,12 +203,7 @@ def test_failing_build_falls_back_with_the_compiler_error(tmp_path):
     fake.chmod(0o755)
     proc = _run_isolated(_FALLBACK_CHECK, CXX=str(fake),
                          FLAXRESTORE_CACHE_DIR=str(tmp_path / "cache"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = _parse(proc.stdout)
-    assert got["AVAILABLE"] == "False"
-    assert "refusing" in got["ERROR"]
-    assert got["WARNED"] == "1"
-    assert float(got["MAXDIFF"]) < 1e-4
+    _assert_fell_back(proc, "refusing")
     assert not any(p.suffix == ".so" for p in (tmp_path / "cache").rglob("*"))
 
 
