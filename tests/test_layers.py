@@ -193,6 +193,107 @@ def test_winograd_where_it_applies(monkeypatch):
     assert convs_in(grad=False) == 1 and convs_in(grad=True) == 2
 
 
+@pytest.mark.parametrize("cin,cout,k,pad,dil,hw", [
+    (16, 3, 3, 1, 1, (9, 11)),   # an RGB output conv
+    (3, 16, 3, 1, 1, (8, 7)),    # an RGB input conv: the input gradient takes the narrow form
+    (8, 1, 5, 2, 2, (12, 10)),   # one output channel, 5x5, dilation 2
+    (4, 4, 3, 3, 1, (6, 7)),     # padding > the kernel's reach: output larger than x
+    (2, 3, 7, 0, 1, (13, 12)),   # unpadded 7x7 (negative transposed padding in the gradient)
+])
+@pytest.mark.parametrize("options", ["eager", "compiled"])
+def test_narrow_conv_and_gradients_match_torch(cin, cout, k, pad, dil, hw, options):
+    """Conv2d with <= NARROW_OUT_MAX output (or input) channels on CPU - one matmul to every
+    tap's channels, then a shifted sum - against torch: output, kernel and input gradients."""
+    assert min(cin, cout) <= layers.NARROW_OUT_MAX
+    rng = np.random.default_rng(6)
+    conv = layers.Conv2d(cin, cout, k, 1, pad, dil, rngs=nnx.Rngs(0))
+    x = rng.standard_normal((2, *hw, cin)).astype(np.float32)
+    graphdef, state = nnx.split(conv)
+
+    def apply(st, x):
+        return nnx.merge(graphdef, st)(x)
+
+    dy = rng.standard_normal(apply(state, jnp.asarray(x)).shape).astype(np.float32)
+    fwd, grad = apply, jax.grad(lambda st, x: jnp.sum(apply(st, x) * dy), (0, 1))
+    if options == "compiled":
+        fwd = jax.jit(apply, compiler_options=layers.compiler_options())
+        grad = jax.jit(grad, compiler_options=layers.compiler_options())
+    y = fwd(state, jnp.asarray(x))
+    g_state, g_x = grad(state, jnp.asarray(x))
+    t_y, t_kernel, t_x = _torch_conv_reference(conv, x, dy, 1, pad, dil)
+    np.testing.assert_allclose(np.asarray(y), t_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(g_state["kernel"][...]), t_kernel, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g_x), t_x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cin,cout,dil", [(6, 3, 1), (3, 5, 2)])
+def test_narrow_valid_conv_matches_torch(cin, cout, dil):
+    """layers.conv2d_valid (AECR-Net's reflect-padded 7x7s) on the narrow path: output and both
+    gradients against torch's unpadded conv."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 15, 14, cin)).astype(np.float32)
+    k = (0.2 * rng.standard_normal((7, 7, cin, cout))).astype(np.float32)
+    opts = layers.compiler_options()
+    y = jax.jit(lambda x, k: layers.conv2d_valid(x, k, 1, dil), compiler_options=opts)(
+        jnp.asarray(x), jnp.asarray(k))
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    gx, gk = jax.jit(jax.grad(lambda x, k: jnp.sum(layers.conv2d_valid(x, k, 1, dil) * dy),
+                              (0, 1)), compiler_options=opts)(jnp.asarray(x), jnp.asarray(k))
+    tx = _nchw(x).requires_grad_()
+    tk = torch.from_numpy(k.transpose(3, 2, 0, 1).copy()).requires_grad_()
+    ty = torch.nn.functional.conv2d(tx, tk, dilation=dil)
+    (ty * _nchw(dy)).sum().backward()
+    np.testing.assert_allclose(np.asarray(y), ty.detach().numpy().transpose(0, 2, 3, 1),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gk), tk.grad.numpy().transpose(2, 3, 1, 0),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(gx), tx.grad.numpy().transpose(0, 2, 3, 1),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU conv lowering")
+def test_narrow_conv_where_it_applies():
+    """Which convs take the narrow path (stride 1, ungrouped, kernel > 1x1, <= NARROW_OUT_MAX
+    outputs), that it replaces the library conv in the compiled program (forward, and the input
+    gradient of a narrow-input conv), and that bfloat16 keeps its dtype and stays close."""
+    n = layers.NARROW_OUT_MAX
+    applies = layers._narrow_out_applies
+    assert applies((3, 3, 64, n), (1, 1), 1) and applies((7, 7, 64, 1), (1, 1), 1)
+    assert not applies((3, 3, 64, n + 1), (1, 1), 1)
+    assert not applies((3, 3, 64, 3), (2, 2), 1)
+    assert not applies((3, 3, 2, 3), (1, 1), 3)
+    assert not applies((1, 1, 64, 3), (1, 1), 1)
+
+    def convs_in(cin, cout, grad_x):
+        conv = layers.Conv2d(cin, cout, 3, padding=1, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(conv)
+        x = jnp.ones((1, 8, 8, cin))
+
+        def fwd(st, x):
+            return nnx.merge(graphdef, st)(x)
+
+        fn = jax.grad(lambda st, x: jnp.sum(fwd(st, x) ** 2), 1) if grad_x else fwd
+        return jax.jit(fn).lower(state, x).compile().as_text().count(" convolution(")
+
+    assert convs_in(16, 3, grad_x=False) == 0
+    assert convs_in(16, 8, grad_x=False) == 1
+    # 3 -> 16 differentiated for x: the library forward, the input gradient the narrow way
+    assert convs_in(3, 16, grad_x=True) == 1
+    # 16 -> 3 differentiated for x: the narrow forward, the library's input gradient
+    assert convs_in(16, 3, grad_x=True) == 1
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((1, 9, 9, 32)).astype(np.float32)
+    k = (0.2 * rng.standard_normal((3, 3, 32, 3))).astype(np.float32)
+    yb = layers.conv2d_cpu(jnp.asarray(x, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16), (1, 1),
+                           (1, 1))
+    assert yb.dtype == jnp.bfloat16
+    y32 = layers.conv2d_cpu(jnp.asarray(x), jnp.asarray(k), (1, 1), (1, 1))
+    np.testing.assert_allclose(np.asarray(yb, np.float32), np.asarray(y32), rtol=0.02, atol=0.05)
+    with pytest.raises(ValueError, match="16 channels, the kernel 32"):
+        layers.conv_narrow_out(jnp.zeros((1, 5, 5, 16)), jnp.asarray(k), ((1, 1), (1, 1)))
+
+
 @pytest.mark.parametrize("cin,cout,k,stride,pad,out_pad", [
     (6, 4, 3, 2, 1, 1), (4, 8, 4, 2, 1, 0), (5, 3, 3, 1, 1, 0)])
 def test_conv_transpose_compiled_matches_torch(cin, cout, k, stride, pad, out_pad):

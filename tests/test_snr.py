@@ -394,10 +394,11 @@ def test_training_step_parity():
     for k, w_t in after_t.items():
         g_t = grads_t[k]
         assert float(np.abs(grads_f[k] - g_t).max()) <= 1e-4 * float(np.abs(g_t).max()), k
-        assert _rel(after_f[k], w_t) <= 1e-4, k
         # Adam's first step is lr * g / (|g| + eps), about lr * sign(g): where |g| is below the
-        # gradient's float32 noise floor the sign is noise in both frameworks. Elsewhere the
-        # step itself agrees to 1% of lr.
+        # gradient's float32 noise floor the sign is noise in both frameworks (summation order),
+        # so a weight may land up to 2 lr from torch's, no further. Elsewhere the step itself
+        # agrees to 1% of lr.
+        assert _rel(after_f[k], w_t) <= 2 * lr * (1 + 1e-3), k
         sure = np.abs(g_t) > 1e-3 * np.abs(g_t).max()
         step_f, step_t = after_f[k] - before[k], w_t - before[k]
         assert np.abs(step_f - step_t)[sure].max(initial=0.0) <= 1e-2 * lr, k

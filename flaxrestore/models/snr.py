@@ -140,9 +140,21 @@ class ResidualBlock_noBN(nnx.Module):
         return x + self.conv2(jax.nn.relu(self.conv1(x)))
 
 
+class Linear(nnx.Linear):
+    """nnx.Linear computed as one 2-D matmul over all leading axes (:func:`layers.matmul_channels`):
+    the gradient of nnx.Linear's dot over (B, L, D) contracts two axes for the kernel, which
+    XLA:CPU runs on a slower path."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = layers.matmul_channels(x, self.kernel[...].astype(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
 def _torch_linear(d_in: int, d_out: int, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
     init = layers.torch_uniform(d_in)  # torch nn.Linear default init
-    return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=init, bias_init=init, rngs=rngs)
+    return Linear(d_in, d_out, use_bias=bias, kernel_init=init, bias_init=init, rngs=rngs)
 
 
 class MultiHeadAttention(nnx.Module):
