@@ -248,7 +248,7 @@ def depthwise_conv2d(x, kernel, padding=(0, 0), dilation=(1, 1)):
     shifted multiply-adds and one reduction per tap.
     """
     ph, pw = padding
-    if _native_depthwise(x, kernel):
+    if _native_float32(x, kernel):
         kh, kw = kernel.shape[:2]
         out_hw = (x.shape[1] + 2 * ph - dilation[0] * (kh - 1),
                   x.shape[2] + 2 * pw - dilation[1] * (kw - 1))
@@ -256,7 +256,8 @@ def depthwise_conv2d(x, kernel, padding=(0, 0), dilation=(1, 1)):
     return depthwise_conv_shifted(_zero_pad_hw(x, ph, ph, pw, pw), kernel, dilation)
 
 
-def _native_depthwise(*arrays) -> bool:
+def _native_float32(*arrays) -> bool:
+    """True when the native CPU kernels (flaxrestore.native) take these arrays: all float32."""
     return all(a.dtype == jnp.float32 for a in arrays) and native.available()
 
 
@@ -272,7 +273,7 @@ def _depthwise_bwd(padding, dilation, res, dy):
     h, w = x.shape[1:3]
     ho, wo = dy.shape[1:3]
     th, tw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
-    if _native_depthwise(x, dy, kernel):
+    if _native_float32(x, dy, kernel):
         # dk in one pass over x and dy instead of one reduction per tap over a shifted copy of x
         dx = native.depthwise_conv(dy, kernel[::-1, ::-1], (h, w), (th, tw), dilation)
         dk = native.depthwise_kernel_grad(x, dy, (kh, kw), padding, dilation)
@@ -350,8 +351,9 @@ def conv_kernel_grad(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), dilatio
     outputs are as narrow as the channel counts (measured on the 2-core machine, 4x128x128
     64->3: 157 ms as taps, 16 ms so; 4x32x32 64->64: 12.5 -> 9.4 ms). When the copies would
     exceed 160 MB with both sides of similar width, the rows are split into blocks of at most
-    80 MB of copies, one matmul each, summed. Strided or grouped convs use
-    :func:`conv_kernel_grad_taps`.
+    80 MB of copies, one matmul each, summed. The copies are made by the native kernel
+    (:func:`flaxrestore.native.windows`) where it is built, for float32; else by XLA. Strided or
+    grouped convs use :func:`conv_kernel_grad_taps`.
     """
     kh, kw, _, cout = kernel_shape
     n, ho, wo, _ = dy.shape
@@ -369,28 +371,38 @@ def conv_kernel_grad(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), dilatio
     ph, pw = padding
     dh, dw = dilation
     h, w = x.shape[1:3]
+    # the windows by the native kernel where it is built (float32; 2x128x128x96, 3x3: 27 ms as
+    # XLA's concatenation of slices, 14 ms so)
+    use_native = _native_float32(x, dy)
     if cout <= c:
         # dkernel[i, j] = x^T @ (dy moved down/right by (i*dh - ph, j*dw - pw) onto x's h x w
         # grid, zeros where it has no value): windows of one zero-padded dy
         top, left = max(0, (kh - 1) * dh - ph), max(0, (kw - 1) * dw - pw)
-        dyp = _zero_pad_hw(dy, top, max(0, ph + h - ho), left, max(0, pw + w - wo))
+        dyp = None if use_native else _zero_pad_hw(dy, top, max(0, ph + h - ho), left,
+                                                   max(0, pw + w - wo))
 
         def block(r0, r1):  # x's rows [r0, r1)
-            wins = []
-            for i in range(kh):
-                for j in range(kw):
-                    r, q = top + ph - i * dh + r0, left + pw - j * dw
-                    wins.append(dyp[:, r:r + r1 - r0, q:q + w, :])
-            cols = jnp.concatenate(wins, axis=-1).reshape(-1, kh * kw * cout)
-            return x[:, r0:r1].reshape(-1, c).T @ cols  # (c, kh*kw*cout)
+            if use_native:  # the same windows, written pixel by pixel
+                cols = native.windows(dy, (kh, kw), (r1 - r0, w), (ph + r0, pw), (-dh, -dw))
+            else:
+                wins = []
+                for i in range(kh):
+                    for j in range(kw):
+                        r, q = top + ph - i * dh + r0, left + pw - j * dw
+                        wins.append(dyp[:, r:r + r1 - r0, q:q + w, :])
+                cols = jnp.concatenate(wins, axis=-1)
+            return x[:, r0:r1].reshape(-1, c).T @ cols.reshape(-1, kh * kw * cout)
 
         g = _sum_row_blocks(block, h, blocks)
         return g.reshape(c, kh, kw, cout).transpose(1, 2, 0, 3)
 
     # dkernel[i, j] = (x's (i, j)-shifted window)^T @ dy, all taps in one matmul
     def block(r0, r1):  # dy's rows [r0, r1)
-        wins = _x_windows(x, (kh, kw), (ho, wo), stride, padding, dilation, rows=(r0, r1))
-        cols = jnp.concatenate(wins, axis=-1)
+        if use_native:
+            cols = native.windows(x, (kh, kw), (r1 - r0, wo), (r0 - ph, -pw), (dh, dw))
+        else:
+            wins = _x_windows(x, (kh, kw), (ho, wo), stride, padding, dilation, rows=(r0, r1))
+            cols = jnp.concatenate(wins, axis=-1)
         return cols.reshape(-1, kh * kw * c).T @ dy[:, r0:r1].reshape(-1, cout)
 
     g = _sum_row_blocks(block, ho, blocks)  # (kh*kw*c, cout)

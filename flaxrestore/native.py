@@ -19,6 +19,10 @@ Kernels:
   pass over memory. XLA:CPU computes it as one reduction per kernel tap over a materialized
   shifted copy of the input: at 4x128x128x288, 3x3, 108 ms against 19 ms here (2-core AVX2);
   it dominated Restormer's and DarkIR's training steps.
+* :func:`windows` - the shifted windows of an image that a conv's taps read, side by side on
+  the channel axis (im2col, NHWC), for the kernel gradients of dense convs as one matmul
+  (:func:`flaxrestore.layers.conv_kernel_grad`). XLA:CPU builds them as a concatenation of
+  slices at about half the speed (2x128x128x96, 3x3: 27 ms against 14 ms).
 """
 
 from __future__ import annotations
@@ -38,9 +42,11 @@ import numpy as np
 NATIVE_ENV = "FLAXRESTORE_NATIVE"
 CACHE_ENV = "FLAXRESTORE_CACHE_DIR"
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-_SOURCES = ("depthwise.cc",)
+_SOURCES = ("depthwise.cc", "windows.cc")
+_HEADERS = ("parallel.h",)
 _TARGETS = {"flaxrestore_depthwise_conv": "FlaxrestoreDepthwiseConv",
-            "flaxrestore_depthwise_kernel_grad": "FlaxrestoreDepthwiseKernelGrad"}
+            "flaxrestore_depthwise_kernel_grad": "FlaxrestoreDepthwiseKernelGrad",
+            "flaxrestore_windows": "FlaxrestoreWindows"}
 
 _lock = threading.Lock()
 _state: dict = {"ok": None, "error": None, "path": None}
@@ -87,7 +93,7 @@ def _build(compiler: str) -> str:
 
     sources = [os.path.join(_source_dir(), s) for s in _SOURCES]
     digest = hashlib.sha256()
-    for path in sources:
+    for path in sources + [os.path.join(_source_dir(), h) for h in _HEADERS]:
         with open(path, "rb") as f:
             digest.update(f.read())
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
@@ -208,3 +214,23 @@ def depthwise_kernel_grad(x: jax.Array, dy: jax.Array, kernel_hw, padding=(0, 0)
                             jax.ShapeDtypeStruct((kh, kw, 1, c), jnp.float32),
                             vmap_method="sequential")
     return call(x, dy, ph=np.int64(ph), pw=np.int64(pw), dh=np.int64(dh), dw=np.int64(dw))
+
+
+def windows(src: jax.Array, kernel_hw, out_hw, offset=(0, 0), step=(1, 1)) -> jax.Array:
+    """The windows of NHWC ``src`` that the taps of a stride-1 conv read, side by side on the
+    channel axis: (B, *out_hw, kh*kw*C) with
+    ``out[b, y, x, (i*kw + j)*C + c] = src[b, y + oy + i*sy, x + ox + j*sx, c]`` (zero outside
+    ``src``), ``offset = (oy, ox)``, ``step = (sy, sx)`` (negative steps run backwards). float32
+    only; requires :func:`available`."""
+    kh, kw = kernel_hw
+    b, c = src.shape[0], src.shape[-1]
+    if src.dtype != jnp.float32:
+        raise TypeError(f"windows takes float32, got {src.dtype}")
+    if src.ndim != 4 or kh < 1 or kw < 1:
+        raise ValueError(f"windows needs an NHWC array and a kernel size >= 1, got {src.shape} "
+                         f"and {kernel_hw}")
+    call = jax.ffi.ffi_call("flaxrestore_windows",
+                            jax.ShapeDtypeStruct((b, *out_hw, kh * kw * c), jnp.float32),
+                            vmap_method="sequential")
+    return call(src, kh=np.int64(kh), kw=np.int64(kw), oy=np.int64(offset[0]),
+                ox=np.int64(offset[1]), sy=np.int64(step[0]), sx=np.int64(step[1]))

@@ -399,9 +399,12 @@ def test_conv_kernel_grad_paths_agree_with_taps():
 
 @pytest.mark.parametrize("cin,cout,pad,dil", [(8, 8, 1, 1), (4, 6, 1, 1), (6, 5, 2, 2),
                                                (5, 6, 0, 1)])
-def test_conv_kernel_grad_row_blocks_agree_with_taps(monkeypatch, cin, cout, pad, dil):
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_conv_kernel_grad_row_blocks_agree_with_taps(monkeypatch, cin, cout, pad, dil, native):
     """Above the copy limit the one-matmul kernel gradient runs over blocks of rows (both the
-    dy-windows and the x-windows form, uneven blocks, padding and dilation): equal to the taps."""
+    dy-windows and the x-windows form, uneven blocks, padding and dilation; the windows by the
+    native kernel where it is built, and by XLA): equal to the taps."""
+    monkeypatch.setenv("FLAXRESTORE_NATIVE", native)
     rng = np.random.default_rng(5)
     x = jnp.asarray(rng.standard_normal((2, 11, 9, cin)), jnp.float32)
     ho, wo = 11 + 2 * pad - 2 * dil, 9 + 2 * pad - 2 * dil

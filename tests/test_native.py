@@ -142,6 +142,64 @@ def test_conv2d_depthwise_grads_native_and_jax_paths_match_torch(monkeypatch, pa
         assert target not in texts["0"]
 
 
+def _windows_reference(src, kernel_hw, out_hw, offset, step):
+    """numpy: out[b, y, x, (i*kw + j)*C + c] = src[b, y + oy + i*sy, x + ox + j*sx, c] or 0."""
+    b, h, w, c = src.shape
+    kh, kw = kernel_hw
+    out = np.zeros((b, *out_hw, kh * kw * c), np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            t = i * kw + j
+            for y in range(out_hw[0]):
+                for x in range(out_hw[1]):
+                    sy, sx = y + offset[0] + i * step[0], x + offset[1] + j * step[1]
+                    if 0 <= sy < h and 0 <= sx < w:
+                        out[:, y, x, t * c:(t + 1) * c] = src[:, sy, sx]
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("shape,kernel_hw,out_hw,offset,step", [
+    ((2, 7, 6, 5), (3, 3), (7, 6), (-1, -1), (1, 1)),    # a padded conv's windows of x
+    ((1, 9, 8, 3), (3, 3), (9, 8), (2, 2), (-2, -2)),    # dy's windows, dilation 2 (backwards)
+    ((2, 6, 7, 4), (5, 3), (2, 5), (1, 0), (1, 1)),      # a block of rows, unpadded, 5x3
+    ((1, 4, 5, 2), (3, 3), (7, 8), (-3, -3), (1, 1)),    # padding larger than the kernel
+    ((3, 40, 33, 16), (3, 3), (40, 33), (-1, -1), (1, 1)),  # enough work for several threads
+])
+def test_native_windows_match_numpy(shape, kernel_hw, out_hw, offset, step):
+    src = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+    got = jax.jit(lambda s: native.windows(s, kernel_hw, out_hw, offset, step))(jnp.asarray(src))
+    np.testing.assert_array_equal(np.asarray(got),
+                                  _windows_reference(src, kernel_hw, out_hw, offset, step))
+
+
+@needs_native
+def test_native_windows_reject_bad_input():
+    with pytest.raises(TypeError, match="float32"):
+        native.windows(jnp.zeros((1, 4, 4, 2), jnp.bfloat16), (3, 3), (4, 4))
+    with pytest.raises(ValueError, match="NHWC"):
+        native.windows(jnp.zeros((4, 4, 2)), (3, 3), (4, 4))
+
+
+@needs_native
+@pytest.mark.parametrize("cin,cout", [(16, 3), (3, 16), (8, 8)])
+def test_conv_kernel_grad_native_and_jax_windows_agree(monkeypatch, cin, cout):
+    """layers.conv_kernel_grad with the native windows and with XLA's concatenated slices
+    (FLAXRESTORE_NATIVE=0): both equal the per-tap matmuls, and only the first calls the
+    kernel."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((2, 13, 12, cin)), jnp.float32)
+    dy = jnp.asarray(rng.standard_normal((2, 13, 12, cout)), jnp.float32)
+    shape = (3, 3, cin, cout)
+    want = layers.conv_kernel_grad_taps(x, dy, shape, padding=(1, 1))
+    for setting in ("1", "0"):
+        monkeypatch.setenv(native.NATIVE_ENV, setting)
+        fn = jax.jit(lambda x, dy: layers.conv_kernel_grad(x, dy, shape, padding=(1, 1)))
+        np.testing.assert_allclose(np.asarray(fn(x, dy)), np.asarray(want), rtol=1e-5, atol=1e-4)
+        uses = "flaxrestore_windows" in fn.lower(x, dy).as_text()
+        assert uses == (setting == "1")
+
+
 def _run_isolated(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
     full_env.pop(native.NATIVE_ENV, None)

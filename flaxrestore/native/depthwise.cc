@@ -28,11 +28,14 @@
 #include <mutex>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using flaxrestore::ParallelFor;
 
 struct Geometry {
   int64_t B, H, W, C;  // x
@@ -67,38 +70,6 @@ void AccumulateRows(const Geometry& g, const float* x, const float* dy, int64_t 
     }
     for (int64_t t = 0; t < taps * C; ++t) acc[t] += racc[t];
   }
-}
-
-// Runs body(chunk, begin, end) over [0, n) split into `chunks` contiguous ranges (chunk k covers
-// [n*k/chunks, n*(k+1)/chunks)), on the calling thread and the XLA thread pool's threads; returns
-// when all are done. Returns the number of chunks used.
-template <typename Body>
-int64_t ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t chunks, Body body) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> finished{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  chunks = std::max<int64_t>(1, std::min(chunks, n));
-  auto state = std::make_shared<State>();
-  auto work = [state, n, chunks, body]() {
-    for (;;) {
-      const int64_t k = state->next.fetch_add(1);
-      if (k >= chunks) return;
-      body(k, n * k / chunks, n * (k + 1) / chunks);
-      if (state->finished.fetch_add(1) + 1 == chunks) {
-        std::lock_guard<std::mutex> lock(state->mu);
-        state->cv.notify_all();
-      }
-    }
-  };
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  for (int64_t t = 1; t < std::min(threads, chunks); ++t) pool.Schedule([work] { work(); });
-  work();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->finished.load() == chunks; });
-  return chunks;
 }
 
 ffi::Error DepthwiseConv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
