@@ -169,6 +169,11 @@ def test_winograd_where_it_applies(monkeypatch):
     assert not applies((3, 3, n, n), (1, 1), (2, 2), (2, 2), 1)
     assert not applies((3, 3, n, n), (1, 1), (1, 1), (1, 1), 2)
     assert not applies((3, 3, n, n), (1, 1), (3, 3), (1, 1), 1)
+    # narrower convs on large images only
+    m, big = layers.WINOGRAD_LARGE_MIN_CHANNELS, layers.WINOGRAD_LARGE_PIXELS
+    assert applies((3, 3, m, m), (1, 1), (1, 1), (1, 1), 1, big)
+    assert not applies((3, 3, m, m), (1, 1), (1, 1), (1, 1), 1, big - 1)
+    assert not applies((3, 3, m - 1, n), (1, 1), (1, 1), (1, 1), 1, big)
 
     conv = layers.Conv2d(n, n, 3, padding=1, bias=False, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(conv)
