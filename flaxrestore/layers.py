@@ -533,8 +533,8 @@ def conv_narrow_out(x, kernel, pads, dilation=(1, 1)):
 def _conv_input_grad(x, kernel, dy, stride, pads, dilation, groups, conv):
     """dL/dx of ``conv(x, kernel)`` (pads as ((top, bottom), (left, right))): a narrow-output
     conv of dy with the flipped kernel when x has at most NARROW_OUT_MAX channels (MPRNet's
-    3 -> 96 conv on its 2x256x256 stage images: input gradient 75 ms as the library's, torch
-    fwd+bwd 39 ms), else the library's own."""
+    3 -> 96 conv on its 2x256x256 stage images, forward + both gradients: 75 ms with the
+    library's input gradient, 24 ms so, torch 36-39 ms), else the library's own."""
     kh, kw, cin, _ = kernel.shape
     if _narrow_out_applies((kh, kw, 1, cin), stride, groups):
         dh, dw = dilation
@@ -552,9 +552,12 @@ def _conv_input_grad(x, kernel, dy, stride, pads, dilation, groups, conv):
 def conv2d_cpu(x, kernel, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1):
     """The conv (zero padding, no bias) on CPU.
 
-    Not differentiated (inference, evaluation), float32: Winograd for 3x3 stride-1 convs with
-    at least :data:`WINOGRAD_MIN_CHANNELS` channels on both sides (``FLAXRESTORE_WINOGRAD=0``:
-    never; read when the function is traced), else the library conv. Differentiated: always the
+    Convs with at most :data:`NARROW_OUT_MAX` output channels (stride 1, ungrouped): always
+    :func:`conv_narrow_out`. Otherwise, not differentiated (inference, evaluation), float32:
+    Winograd for 3x3 stride-1 convs with at least :data:`WINOGRAD_MIN_CHANNELS` channels on
+    both sides, or :data:`WINOGRAD_LARGE_MIN_CHANNELS` on large images
+    (``FLAXRESTORE_WINOGRAD=0``: never; read when the function is traced), else the library
+    conv. Differentiated (wider outputs): the
     library conv (with Winograd in the forward, or also in the input gradient, MPRNet's training
     step at 2x128x128 took x1.01 and x1.12 as long, with 1.3 GB more XLA temporaries), with the
     kernel gradient from matmuls (:func:`conv_kernel_grad`) instead of XLA:CPU's slow
