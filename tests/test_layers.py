@@ -71,6 +71,25 @@ def _torch_conv_reference(conv, x, dy, stride, pad, dil=1):
             tx.grad.numpy().transpose(0, 2, 3, 1))
 
 
+def _conv_output_and_grads(conv, x, rng, options):
+    """Conv2d's output on x and, for a random upstream gradient dy drawn from rng, the gradients
+    of the state and of x; eagerly or compiled with layers.compiler_options() (the trainer's).
+    Returns (y, state gradient, x gradient, dy)."""
+    graphdef, state = nnx.split(conv)
+
+    def apply(st, x):
+        return nnx.merge(graphdef, st)(x)
+
+    dy = rng.standard_normal(apply(state, jnp.asarray(x)).shape).astype(np.float32)
+    fwd, grad = apply, jax.grad(lambda st, x: jnp.sum(apply(st, x) * dy), (0, 1))
+    if options == "compiled":
+        fwd = jax.jit(apply, compiler_options=layers.compiler_options())
+        grad = jax.jit(grad, compiler_options=layers.compiler_options())
+    y = fwd(state, jnp.asarray(x))
+    g_state, g_x = grad(state, jnp.asarray(x))
+    return y, g_state, g_x, dy
+
+
 @pytest.mark.parametrize("cin,cout,k,stride,pad,dil,hw", [
     (8, 3, 3, 1, 1, 1, (9, 11)),    # cout < cin: dy shifted onto x's grid, one matmul
     (6, 6, 3, 1, 1, 1, (8, 8)),     # equal: dy side
@@ -133,18 +152,7 @@ def test_winograd_conv_and_gradients_match_torch(cin, cout, pad, hw, options):
     rng = np.random.default_rng(5)
     conv = layers.Conv2d(cin, cout, 3, 1, pad, rngs=nnx.Rngs(0))
     x = rng.standard_normal((2, *hw, cin)).astype(np.float32)
-    graphdef, state = nnx.split(conv)
-
-    def apply(st, x):
-        return nnx.merge(graphdef, st)(x)
-
-    dy = rng.standard_normal(apply(state, jnp.asarray(x)).shape).astype(np.float32)
-    fwd, grad = apply, jax.grad(lambda st, x: jnp.sum(apply(st, x) * dy), (0, 1))
-    if options == "compiled":
-        fwd = jax.jit(apply, compiler_options=layers.compiler_options())
-        grad = jax.jit(grad, compiler_options=layers.compiler_options())
-    y = fwd(state, jnp.asarray(x))
-    g_state, g_x = grad(state, jnp.asarray(x))
+    y, g_state, g_x, dy = _conv_output_and_grads(conv, x, rng, options)
 
     t_y, t_kernel, t_x = _torch_conv_reference(conv, x, dy, 1, pad)
     np.testing.assert_allclose(np.asarray(y), t_y, rtol=1e-4, atol=1e-4)
@@ -213,18 +221,7 @@ def test_narrow_conv_and_gradients_match_torch(cin, cout, k, pad, dil, hw, optio
     rng = np.random.default_rng(6)
     conv = layers.Conv2d(cin, cout, k, 1, pad, dil, rngs=nnx.Rngs(0))
     x = rng.standard_normal((2, *hw, cin)).astype(np.float32)
-    graphdef, state = nnx.split(conv)
-
-    def apply(st, x):
-        return nnx.merge(graphdef, st)(x)
-
-    dy = rng.standard_normal(apply(state, jnp.asarray(x)).shape).astype(np.float32)
-    fwd, grad = apply, jax.grad(lambda st, x: jnp.sum(apply(st, x) * dy), (0, 1))
-    if options == "compiled":
-        fwd = jax.jit(apply, compiler_options=layers.compiler_options())
-        grad = jax.jit(grad, compiler_options=layers.compiler_options())
-    y = fwd(state, jnp.asarray(x))
-    g_state, g_x = grad(state, jnp.asarray(x))
+    y, g_state, g_x, dy = _conv_output_and_grads(conv, x, rng, options)
     t_y, t_kernel, t_x = _torch_conv_reference(conv, x, dy, 1, pad, dil)
     np.testing.assert_allclose(np.asarray(y), t_y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(g_state["kernel"][...]), t_kernel, rtol=1e-4, atol=1e-4)
