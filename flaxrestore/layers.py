@@ -376,21 +376,9 @@ def conv_kernel_grad(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), dilatio
     use_native = _native_float32(x, dy)
     if cout <= c:
         # dkernel[i, j] = x^T @ (dy moved down/right by (i*dh - ph, j*dw - pw) onto x's h x w
-        # grid, zeros where it has no value): windows of one zero-padded dy
-        top, left = max(0, (kh - 1) * dh - ph), max(0, (kw - 1) * dw - pw)
-        dyp = None if use_native else _zero_pad_hw(dy, top, max(0, ph + h - ho), left,
-                                                   max(0, pw + w - wo))
-
+        # grid, zeros where it has no value)
         def block(r0, r1):  # x's rows [r0, r1)
-            if use_native:  # the same windows, written pixel by pixel
-                cols = native.windows(dy, (kh, kw), (r1 - r0, w), (ph + r0, pw), (-dh, -dw))
-            else:
-                wins = []
-                for i in range(kh):
-                    for j in range(kw):
-                        r, q = top + ph - i * dh + r0, left + pw - j * dw
-                        wins.append(dyp[:, r:r + r1 - r0, q:q + w, :])
-                cols = jnp.concatenate(wins, axis=-1)
+            cols = _dy_windows(dy, (kh, kw), (h, w), (ph, pw), dilation, (r0, r1), use_native)
             return x[:, r0:r1].reshape(-1, c).T @ cols.reshape(-1, kh * kw * cout)
 
         g = _sum_row_blocks(block, h, blocks)
@@ -407,6 +395,32 @@ def conv_kernel_grad(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), dilatio
 
     g = _sum_row_blocks(block, ho, blocks)  # (kh*kw*c, cout)
     return g.reshape(kh, kw, c, cout)
+
+
+def _dy_windows(dy, kernel_hw, x_hw, top_left, dilation, rows, use_native: bool):
+    """The output gradient dy of a stride-1 conv moved back onto the input's grid, one copy per
+    tap side by side on the channel axis: (N, r1 - r0, w, kh*kw*C) with
+    ``out[b, r, x, (i*kw + j)*C + c] = dy[b, r0 + r + t - i*dh, x + l - j*dw, c]`` (zero where
+    dy has no value), ``top_left = (t, l)`` the conv's top/left padding, ``rows = (r0, r1)``
+    the input rows. The kernel gradient is x^T @ this; the input gradient of a conv with few
+    output channels is this @ the kernel. By :func:`flaxrestore.native.windows` when
+    ``use_native`` (float32), else as XLA's concatenation of slices of a zero-padded dy."""
+    kh, kw = kernel_hw
+    h, w = x_hw
+    t, l = top_left
+    dh, dw = dilation
+    r0, r1 = rows
+    ho, wo = dy.shape[1:3]
+    if use_native:  # written pixel by pixel
+        return native.windows(dy, (kh, kw), (r1 - r0, w), (t + r0, l), (-dh, -dw))
+    top, left = max(0, (kh - 1) * dh - t), max(0, (kw - 1) * dw - l)
+    dyp = _zero_pad_hw(dy, top, max(0, t + h - ho), left, max(0, l + w - wo))
+    wins = []
+    for i in range(kh):
+        for j in range(kw):
+            r, q = top + t - i * dh + r0, left + l - j * dw
+            wins.append(dyp[:, r:r + r1 - r0, q:q + w, :])
+    return jnp.concatenate(wins, axis=-1)
 
 
 def _sum_row_blocks(block, rows: int, blocks: int):
@@ -531,11 +545,28 @@ def conv_narrow_out(x, kernel, pads, dilation=(1, 1)):
 
 
 def _conv_input_grad(x, kernel, dy, stride, pads, dilation, groups, conv):
-    """dL/dx of ``conv(x, kernel)`` (pads as ((top, bottom), (left, right))): a narrow-output
-    conv of dy with the flipped kernel when x has at most NARROW_OUT_MAX channels (MPRNet's
-    3 -> 96 conv on its 2x256x256 stage images, forward + both gradients: 75 ms with the
-    library's input gradient, 24 ms so, torch 36-39 ms), else the library's own."""
-    kh, kw, cin, _ = kernel.shape
+    """dL/dx of ``conv(x, kernel)`` (pads as ((top, bottom), (left, right))), stride 1 and
+    ungrouped by matmuls where the conv has few channels on one side:
+
+    * at most NARROW_OUT_MAX output channels (an RGB output conv): dy's windows on x's grid
+      (:func:`_dy_windows`, which the kernel gradient builds as well; XLA computes them once)
+      times the kernel. dx + dk of AECR-Net's 7x7 64 -> 3 at 4x246x246: 162 ms, 189 ms with the
+      library's dx; MPRNet's 3x3 96 -> 3 at 2x256x256: 23 against 30 ms;
+    * at most NARROW_OUT_MAX input channels: a narrow-output conv of dy with the flipped kernel
+      (MPRNet's 3 -> 96 conv on its 2x256x256 stage images, forward + both gradients: 75 ms
+      with the library's input gradient, 24 ms so, torch 36-39 ms);
+
+    else the library's own (the vjp of ``conv``)."""
+    kh, kw, cin, cout = kernel.shape
+    if _narrow_out_applies(kernel.shape, stride, groups) and cin > NARROW_OUT_MAX:
+        # dx = (dy's windows on x's grid) @ the kernel (XLA's gradient of conv_narrow_out's
+        # shifted sum, a sum of kh*kw padded copies, took 510 ms for AECR-Net's 4x246x246 7x7)
+        cols = _dy_windows(dy, (kh, kw), x.shape[1:3], (pads[0][0], pads[1][0]), dilation,
+                           (0, x.shape[1]), _native_float32(x, dy))
+        k2 = kernel.transpose(0, 1, 3, 2).reshape(kh * kw * cout, cin).astype(dy.dtype)
+        dx = jax.lax.dot_general(cols.reshape(-1, kh * kw * cout), k2, (((1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+        return dx.reshape(x.shape).astype(x.dtype)
     if _narrow_out_applies((kh, kw, 1, cin), stride, groups):
         dh, dw = dilation
         (t, b), (l, r) = pads
@@ -955,6 +986,23 @@ class ConvTranspose2d(nnx.Module):
         return y
 
 
+@jax.custom_vjp
+def _sample_native(x: jax.Array, py: jax.Array, px: jax.Array) -> jax.Array:
+    """:func:`_bilinear_gather_zero` by the native kernels (x NHWC float32, py/px (N, P))."""
+    return native.bilinear_sample(x, py, px)
+
+
+def _sample_native_fwd(x, py, px):
+    return native.bilinear_sample(x, py, px), (x, py, px)
+
+
+def _sample_native_bwd(res, g):
+    return native.bilinear_sample_grad(*res, g)
+
+
+_sample_native.defvjp(_sample_native_fwd, _sample_native_bwd)
+
+
 def _bilinear_gather_zero(x: jax.Array, py: jax.Array, px: jax.Array) -> jax.Array:
     """Bilinear samples of x (N, H, W, C) at (py, px) (N, *S), zero outside: (N, *S, C).
 
@@ -962,6 +1010,10 @@ def _bilinear_gather_zero(x: jax.Array, py: jax.Array, px: jax.Array) -> jax.Arr
     its four neighbours that falls outside the image contributes zero (not clamped).
     """
     n, h, w, c = x.shape
+    if _native_float32(x, py, px):
+        # XLA:CPU: four element-wise gathers, and a scatter for the gradient (AECR-Net's
+        # 64x64x256 deformable conv: 134 ms per call)
+        return _sample_native(x, py.reshape(n, -1), px.reshape(n, -1)).reshape(*py.shape, c)
     flat = x.reshape(n, h * w, c)
     inside = (py > -1) & (px > -1) & (py < h) & (px < w)
     y0 = jnp.floor(py)

@@ -212,12 +212,17 @@ def test_winograd_where_it_applies(monkeypatch):
     (8, 1, 5, 2, 2, (12, 10)),   # one output channel, 5x5, dilation 2
     (4, 4, 3, 3, 1, (6, 7)),     # padding > the kernel's reach: output larger than x
     (2, 3, 7, 0, 1, (13, 12)),   # unpadded 7x7 (negative transposed padding in the gradient)
+    (6, 2, 3, 3, 1, (6, 7)),     # narrow output, padding > reach: dy's windows crop x's grid
 ])
 @pytest.mark.parametrize("options", ["eager", "compiled"])
-def test_narrow_conv_and_gradients_match_torch(cin, cout, k, pad, dil, hw, options):
+@pytest.mark.parametrize("native_setting", ["1", "0"])
+def test_narrow_conv_and_gradients_match_torch(monkeypatch, cin, cout, k, pad, dil, hw, options,
+                                               native_setting):
     """Conv2d with <= NARROW_OUT_MAX output (or input) channels on CPU - one matmul to every
-    tap's channels, then a shifted sum - against torch: output, kernel and input gradients."""
+    tap's channels, then a shifted sum - against torch: output, kernel and input gradients,
+    with the native windows and with XLA's (FLAXRESTORE_NATIVE=0)."""
     assert min(cin, cout) <= layers.NARROW_OUT_MAX
+    monkeypatch.setenv("FLAXRESTORE_NATIVE", native_setting)
     rng = np.random.default_rng(6)
     conv = layers.Conv2d(cin, cout, k, 1, pad, dil, rngs=nnx.Rngs(0))
     x = rng.standard_normal((2, *hw, cin)).astype(np.float32)
@@ -257,7 +262,7 @@ def test_narrow_valid_conv_matches_torch(cin, cout, dil):
 def test_narrow_conv_where_it_applies():
     """Which convs take the narrow path (stride 1, ungrouped, kernel > 1x1, <= NARROW_OUT_MAX
     outputs), that it replaces the library conv in the compiled program (forward, and the input
-    gradient of a narrow-input conv), and that bfloat16 keeps its dtype and stays close."""
+    gradients of narrow-input and narrow-output convs), and that bfloat16 keeps its dtype and stays close."""
     n = layers.NARROW_OUT_MAX
     applies = layers._narrow_out_applies
     assert applies((3, 3, 64, n), (1, 1), 1) and applies((7, 7, 64, 1), (1, 1), 1)
@@ -281,8 +286,9 @@ def test_narrow_conv_where_it_applies():
     assert convs_in(16, 8, grad_x=False) == 1
     # 3 -> 16 differentiated for x: the library forward, the input gradient the narrow way
     assert convs_in(3, 16, grad_x=True) == 1
-    # 16 -> 3 differentiated for x: the narrow forward, the library's input gradient
-    assert convs_in(16, 3, grad_x=True) == 1
+    # 16 -> 3 differentiated for x: the narrow forward, the input gradient from dy's windows
+    # times the kernel
+    assert convs_in(16, 3, grad_x=True) == 0
 
     rng = np.random.default_rng(8)
     x = rng.standard_normal((1, 9, 9, 32)).astype(np.float32)

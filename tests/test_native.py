@@ -200,6 +200,64 @@ def test_conv_kernel_grad_native_and_jax_windows_agree(monkeypatch, cin, cout):
         assert uses == (setting == "1")
 
 
+def _sample_points(rng, n, p, h, w):
+    """Positions (N, P) over and around an h x w image: random ones, integers, the exact
+    borders -1, 0, H-1, H, just inside and outside them, and far away."""
+    py = rng.uniform(-2.5, h + 1.5, (n, p))
+    px = rng.uniform(-2.5, w + 1.5, (n, p))
+    special_y = [-1.0, -0.999, 0.0, h - 1.0, h - 0.001, float(h), 1e7, -1e7, 2.0, 1.5]
+    special_x = [0.5, -1.0, -0.5, w - 1.0, float(w), w - 0.25, 3.0, -1e7, 1e7, 1.0]
+    py[0, :len(special_y)] = special_y
+    px[0, :len(special_x)] = special_x
+    return py.astype(np.float32), px.astype(np.float32)
+
+
+@needs_native
+@pytest.mark.parametrize("shape,points", [((2, 6, 7, 5), 90), ((1, 16, 12, 64), 2000)])
+def test_native_bilinear_sample_and_grads_match_the_jax_path(monkeypatch, shape, points):
+    """native.bilinear_sample (+ its gradients, through layers._bilinear_gather_zero's custom
+    vjp) against the pure-JAX gathers (FLAXRESTORE_NATIVE=0): same values, same gradients for
+    the image and both coordinates, and only the native run calls the kernels."""
+    rng = np.random.default_rng(8)
+    n, h, w, c = shape
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    py, px = (jnp.asarray(a) for a in _sample_points(rng, n, points, h, w))
+    py, px = py.reshape(n, points // 2, 2), px.reshape(n, points // 2, 2)  # any (N, *S) works
+    g = jnp.asarray(rng.standard_normal((n, points // 2, 2, c)), jnp.float32)
+    results = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv(native.NATIVE_ENV, setting)
+        fn = jax.jit(jax.value_and_grad(
+            lambda x, py, px: jnp.sum(layers._bilinear_gather_zero(x, py, px) * g), (0, 1, 2)))
+        results[setting] = fn(x, py, px)
+        assert ("flaxrestore_bilinear_sample_grad" in fn.lower(x, py, px).as_text()) == (
+            setting == "1")
+        sample = jax.jit(layers._bilinear_gather_zero)
+        results[setting + "y"] = sample(x, py, px)
+        assert sample(x, py, px).shape == (n, points // 2, 2, c)
+    np.testing.assert_allclose(np.asarray(results["1y"]), np.asarray(results["0y"]), rtol=1e-6,
+                               atol=1e-6)
+    (v1, g1), (v0, g0) = results["1"], results["0"]
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)
+    for a, b in zip(g1, g0):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                   atol=1e-5 * float(np.abs(np.asarray(b)).max()))
+    # far-away points (flat indices 6 and 7: py = +-1e7) read nothing and get no gradient
+    assert not np.asarray(results["1y"])[0, 3:4].any()
+    assert not np.asarray(g1[1])[0, 3].any() and not np.asarray(g1[2])[0, 3].any()
+
+
+@needs_native
+def test_native_bilinear_sample_rejects_bad_input():
+    img, pts = jnp.zeros((2, 4, 4, 3)), jnp.zeros((2, 5))
+    with pytest.raises(TypeError, match="float32"):
+        native.bilinear_sample(img.astype(jnp.bfloat16), pts, pts)
+    with pytest.raises(ValueError, match="same N"):
+        native.bilinear_sample(img, jnp.zeros((1, 5)), jnp.zeros((1, 5)))
+    with pytest.raises(ValueError, match="expected float32"):
+        native.bilinear_sample_grad(img, pts, pts, jnp.zeros((2, 5, 4)))
+
+
 def _run_isolated(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **env}
     full_env.pop(native.NATIVE_ENV, None)

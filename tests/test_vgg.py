@@ -159,3 +159,30 @@ def test_vgg19_command_writes_weights_the_trainer_reads(tmp_path):
     model = nnx.merge(graph, params)  # as the train step does
     _assert_same_features(model, ref, seed=5)
     assert main(["vgg19", str(src), str(tmp_path / "x.pth")]) == 2  # not a .safetensors
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 10, 5), (1, 7, 9, 3)])
+def test_max_pool_value_and_gradient_match_torch(shape):
+    """The CPU max-pool (a reshape with its own gradient) against torch's MaxPool2d(2, 2):
+    ties (ReLU zeros, repeated values) send the whole gradient to the first maximum of the
+    window in row-major order, odd trailing rows/columns get none."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(3)
+    x = np.maximum(rng.standard_normal(shape), 0).astype(np.float32)  # many all-zero windows
+    x[0, 0, :4] = 1.0  # a window with four equal maxima, another with two
+    x[0, 1, 2] = 1.0
+    g = rng.standard_normal((shape[0], shape[1] // 2, shape[2] // 2, shape[3])).astype(np.float32)
+    y, vjp = jax.vjp(vgg.max_pool_2x2, jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(g))
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+    yt = torch.nn.functional.max_pool2d(xt, 2)
+    (dxt,) = torch.autograd.grad(yt, xt, torch.from_numpy(g.transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(np.asarray(dx), dxt.numpy().transpose(0, 2, 3, 1))
+    # and against XLA's own reduce_window gradient (select-and-scatter)
+    rw = lambda a: jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1),
+                                         "VALID")
+    np.testing.assert_array_equal(np.asarray(dx),
+                                  np.asarray(jax.vjp(rw, jnp.asarray(x))[1](jnp.asarray(g))[0]))
