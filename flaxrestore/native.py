@@ -28,6 +28,9 @@ Kernels:
   (:func:`flaxrestore.layers.deform_conv2d`). XLA:CPU lowers the sampling as element-wise
   gathers and its gradient as a scatter; AECR-Net's 64x64x256 deformable conv (9 taps) spent
   about 134 ms per call in them.
+* :func:`winograd_input` and :func:`winograd_output` - the input and output transforms of a
+  Winograd F(2x2, 3x3) conv (:func:`flaxrestore.layers.winograd_conv3x3`), which XLA fuses into
+  the conv's consumers at several times their own cost.
 """
 
 from __future__ import annotations
@@ -47,13 +50,15 @@ import numpy as np
 NATIVE_ENV = "FLAXRESTORE_NATIVE"
 CACHE_ENV = "FLAXRESTORE_CACHE_DIR"
 CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
-_SOURCES = ("bilinear.cc", "depthwise.cc", "windows.cc")
+_SOURCES = ("bilinear.cc", "depthwise.cc", "windows.cc", "winograd.cc")
 _HEADERS = ("parallel.h",)
 _TARGETS = {"flaxrestore_depthwise_conv": "FlaxrestoreDepthwiseConv",
             "flaxrestore_depthwise_kernel_grad": "FlaxrestoreDepthwiseKernelGrad",
             "flaxrestore_windows": "FlaxrestoreWindows",
             "flaxrestore_bilinear_sample": "FlaxrestoreBilinearSample",
-            "flaxrestore_bilinear_sample_grad": "FlaxrestoreBilinearSampleGrad"}
+            "flaxrestore_bilinear_sample_grad": "FlaxrestoreBilinearSampleGrad",
+            "flaxrestore_winograd_input": "FlaxrestoreWinogradInput",
+            "flaxrestore_winograd_output": "FlaxrestoreWinogradOutput"}
 
 _lock = threading.Lock()
 _state: dict = {"ok": None, "error": None, "path": None}
@@ -277,3 +282,41 @@ def bilinear_sample_grad(src: jax.Array, py: jax.Array, px: jax.Array, g: jax.Ar
                              jax.ShapeDtypeStruct(px.shape, jnp.float32)),
                             vmap_method="sequential")
     return call(src, py, px, g)
+
+
+def winograd_input(x: jax.Array, padding, tiles) -> jax.Array:
+    """The transformed 4x4 input windows (16, N*th*tw, C) of a Winograd F(2x2, 3x3) conv of NHWC
+    ``x`` with zero ``padding = (ph, pw)`` and ``tiles = (th, tw)`` 2x2 output tiles:
+    ``v[a*4 + b, (n*th + ty)*tw + tx, c] = sum over i, j of BT[a, i] * BT[b, j] *
+    x[n, 2*ty - ph + i, 2*tx - pw + j, c]`` (x zero outside), BT as
+    ``flaxrestore.layers._WINO_BT``. float32 only; requires :func:`available`."""
+    if x.dtype != jnp.float32:
+        raise TypeError(f"winograd_input takes float32, got {x.dtype}")
+    if x.ndim != 4 or min(tiles) < 1:
+        raise ValueError(f"winograd_input needs an NHWC array and >= 1 tile, got {x.shape}, "
+                         f"{tiles}")
+    th, tw = tiles
+    call = jax.ffi.ffi_call("flaxrestore_winograd_input",
+                            jax.ShapeDtypeStruct((16, x.shape[0] * th * tw, x.shape[3]),
+                                                 jnp.float32), vmap_method="sequential")
+    return call(x, ph=np.int64(padding[0]), pw=np.int64(padding[1]), th=np.int64(th),
+                tw=np.int64(tw))
+
+
+def winograd_output(m: jax.Array, out_shape) -> jax.Array:
+    """The output (N, Ho, Wo, O) of a Winograd F(2x2, 3x3) conv from its 16 products ``m``
+    (16, N*th*tw, O), th = ceil(Ho/2), tw = ceil(Wo/2):
+    ``y[n, 2*ty + p, 2*tx + q, o] = sum over a, b of AT[p, a] * AT[q, b] * m[a*4 + b, t, o]``,
+    cropped to Ho x Wo; AT as ``flaxrestore.layers._WINO_AT``. float32 only; requires
+    :func:`available`."""
+    n, ho, wo, o = out_shape
+    tiles = n * (-(-ho // 2)) * (-(-wo // 2))
+    if m.dtype != jnp.float32:
+        raise TypeError(f"winograd_output takes float32, got {m.dtype}")
+    if m.shape != (16, tiles, o):
+        raise ValueError(f"winograd_output: products of shape {m.shape} for an output "
+                         f"{tuple(out_shape)} need (16, {tiles}, {o})")
+    call = jax.ffi.ffi_call("flaxrestore_winograd_output",
+                            jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32),
+                            vmap_method="sequential")
+    return call(m)

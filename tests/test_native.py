@@ -348,3 +348,47 @@ def test_build_is_cached_and_reused(tmp_path):
                                   CXX=str(wrapper)).stdout)
     assert second["AVAILABLE"] == "True", second
     assert second["PATH"] == first["PATH"]
+
+
+@needs_native
+@pytest.mark.parametrize("shape,pad", [((2, 7, 9, 11), (1, 1)), ((1, 6, 5, 16), (0, 2)),
+                                       ((3, 33, 30, 24), (2, 0))])
+def test_native_winograd_transforms_match_numpy(shape, pad):
+    """native.winograd_input / winograd_output against their definitions written out in numpy
+    (zero-padded 4x4 windows times BT on both sides; AT on both sides, cropped), odd sizes and
+    channel counts that leave tails after runs of 8."""
+    rng = np.random.default_rng(9)
+    n, h, w, c = shape
+    ph, pw = pad
+    ho, wo = h + 2 * ph - 2, w + 2 * pw - 2
+    th, tw = -(-ho // 2), -(-wo // 2)
+    x = rng.standard_normal(shape).astype(np.float32)
+    bt, at = np.asarray(layers._WINO_BT, np.float64), np.asarray(layers._WINO_AT, np.float64)
+    xp = np.zeros((n, 2 * th + 2, 2 * tw + 2, c))
+    xp[:, ph:ph + h, pw:pw + w] = x[:, :2 * th + 2 - ph, :2 * tw + 2 - pw]
+    want_v = np.zeros((16, n * th * tw, c))
+    for b in range(n):
+        for ty in range(th):
+            for tx in range(tw):
+                win = xp[b, 2 * ty:2 * ty + 4, 2 * tx:2 * tx + 4]  # (4, 4, C)
+                want_v[:, (b * th + ty) * tw + tx] = np.einsum("ai,bj,ijc->abc", bt, bt,
+                                                               win).reshape(16, c)
+    got_v = jax.jit(lambda a: native.winograd_input(a, pad, (th, tw)))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(got_v), want_v, rtol=1e-6, atol=1e-5)
+
+    m = rng.standard_normal((16, n * th * tw, c)).astype(np.float32)
+    full = np.einsum("pa,qb,abtc->pqtc", at, at, m.reshape(4, 4, -1, c).astype(np.float64))
+    full = full.reshape(2, 2, n, th, tw, c).transpose(2, 3, 0, 4, 1, 5).reshape(n, 2 * th,
+                                                                               2 * tw, c)
+    got_y = jax.jit(lambda a: native.winograd_output(a, (n, ho, wo, c)))(jnp.asarray(m))
+    np.testing.assert_allclose(np.asarray(got_y), full[:, :ho, :wo], rtol=1e-6, atol=1e-5)
+
+
+@needs_native
+def test_native_winograd_rejects_bad_input():
+    with pytest.raises(TypeError, match="float32"):
+        native.winograd_input(jnp.zeros((1, 4, 4, 2), jnp.bfloat16), (1, 1), (2, 2))
+    with pytest.raises(ValueError, match="NHWC"):
+        native.winograd_input(jnp.zeros((4, 4, 2)), (1, 1), (2, 2))
+    with pytest.raises(ValueError, match=r"need \(16, 8, 3\)"):
+        native.winograd_output(jnp.zeros((16, 7, 3)), (2, 3, 4, 3))
