@@ -152,10 +152,14 @@ def test_winograd_conv3x3_matches_torch(monkeypatch, pad, hw, cin, cout, native_
     (96, 112, 2, (7, 6)),   # padding 2
 ])
 @pytest.mark.parametrize("options", ["eager", "compiled"])
-def test_winograd_conv_and_gradients_match_torch(cin, cout, pad, hw, options):
+@pytest.mark.parametrize("native_setting", ["1", "0"])
+def test_winograd_conv_and_gradients_match_torch(monkeypatch, cin, cout, pad, hw, options,
+                                                  native_setting):
     """Conv2d on CPU with >= WINOGRAD_MIN_CHANNELS channels against torch: the forward (by
-    Winograd) and, when differentiated, the library conv's gradients."""
+    Winograd) and, when differentiated, the gradients (forward and input gradient by Winograd
+    with the native transforms, by the library conv with FLAXRESTORE_NATIVE=0)."""
     assert min(cin, cout) >= layers.WINOGRAD_MIN_CHANNELS
+    monkeypatch.setenv("FLAXRESTORE_NATIVE", native_setting)
     rng = np.random.default_rng(5)
     conv = layers.Conv2d(cin, cout, 3, 1, pad, rngs=nnx.Rngs(0))
     x = rng.standard_normal((2, *hw, cin)).astype(np.float32)
@@ -202,8 +206,13 @@ def test_winograd_where_it_applies(monkeypatch):
         fn = jax.grad(lambda st, x: jnp.sum(fwd(st, x) ** 2), 1) if grad else fwd
         return jax.jit(fn).lower(state, x).compile().as_text().count(" convolution(")
 
-    # forward only: no library conv left; differentiated: the library's forward and input grad
+    # forward only: no library conv left; differentiated: Winograd for the forward and the input
+    # gradient where the native transforms are built, else the library's forward and input grad
+    assert convs_in(grad=False) == 0
+    assert convs_in(grad=True) == (0 if native.available() else 2)
+    monkeypatch.setenv("FLAXRESTORE_NATIVE", "0")
     assert convs_in(grad=False) == 0 and convs_in(grad=True) == 2
+    monkeypatch.delenv("FLAXRESTORE_NATIVE")
     # bfloat16 keeps the library conv
     y = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x)).lower(
         jax.tree.map(lambda a: a.astype(jnp.bfloat16), state), x.astype(jnp.bfloat16))
