@@ -600,8 +600,9 @@ then one untimed call faults it in again, so that the timed call runs warm as th
 training loop do (the row's notes say when that happened).
 **Flax / torch** is Flax over torch NCHW eager; below 1 Flax is faster. Compile: lowering + XLA
 compile of that program (once per shape; on CPU with `flaxrestore.layers.compiler_options()`:
-3x3 convolutions on XNNPACK, `FLAXRESTORE_XNN_CONVS=0` for XLA's defaults; the forward's 3x3
-convolutions with >= 96 channels by Winograd, `FLAXRESTORE_WINOGRAD=0` for the library conv).
+3x3 convolutions on XNNPACK, `FLAXRESTORE_XNN_CONVS=0` for XLA's defaults; 3x3 convolutions
+with >= 96 channels (64 on large images) by Winograd, in training too where the native kernels
+are built, `FLAXRESTORE_WINOGRAD=0` for the library conv).
 Peak +RSS: the
 largest resident-set increase sampled during one extra call above the resident set before it
 (a lower bound on the working set: weights, the compiled program and allocator caches already

@@ -453,7 +453,6 @@ WINOGRAD_MIN_CHANNELS = 96
 # by Winograd against 55 ms (library), at 1x64x64 4.3 against 3.3 ms (2-core AVX2 machine)
 WINOGRAD_LARGE_MIN_CHANNELS = 64
 WINOGRAD_LARGE_PIXELS = 256 * 256
-WINOGRAD_MIN_PIXELS = 0
 WINOGRAD_ENV = "FLAXRESTORE_WINOGRAD"
 
 
@@ -515,8 +514,6 @@ def _winograd_applies(kernel_shape, stride, padding, dilation, groups, pixels=0)
     padding <= 2, and at least WINOGRAD_MIN_CHANNELS channels on both sides - or at least
     WINOGRAD_LARGE_MIN_CHANNELS with ``pixels`` (batch x output pixels) >= WINOGRAD_LARGE_PIXELS."""
     kh, kw, cin, cout = kernel_shape
-    if pixels < WINOGRAD_MIN_PIXELS:
-        return False
     wide = min(cin, cout) >= WINOGRAD_MIN_CHANNELS or (
         min(cin, cout) >= WINOGRAD_LARGE_MIN_CHANNELS and pixels >= WINOGRAD_LARGE_PIXELS)
     return ((kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
