@@ -485,7 +485,6 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, padding=(1, 1)) -> jax.Arr
     ph, pw = padding
     ho, wo = h + 2 * ph - 2, w + 2 * pw - 2
     th, tw = -(-ho // 2), -(-wo // 2)
-    bt, at = (np.asarray(m, np.float32) for m in (_WINO_BT, _WINO_AT))
     if _native_float32(x, kernel):
         # the transforms by native kernels: XLA fused the output transform into the conv's
         # consumers at 3-4x its own cost
@@ -493,6 +492,7 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array, padding=(1, 1)) -> jax.Arr
         m = jax.lax.dot_general(native.winograd_input(x, padding, (th, tw)), u,
                                 (((2,), (1,)), ((0,), (0,))))
         return native.winograd_output(m, (n, ho, wo, kernel.shape[-1]))
+    bt, at = (np.asarray(m, np.float32) for m in (_WINO_BT, _WINO_AT))
     # pad an odd output up to whole tiles (the extra row/column is cropped at the end)
     xp = _zero_pad_hw(x, ph, ph + 2 * th - ho, pw, pw + 2 * tw - wo)
     # v[(a, b)] = sum over window positions (i, j) of bt[a, i] * bt[b, j] * window[i, j]
