@@ -8,6 +8,7 @@ applied to a scratch copy of the repository, with the narrow tests that must fai
     python tools/mutate.py --list       # the catalogue: name, family, tests
     python tools/mutate.py --check      # only verify that every patch still applies (seconds)
     python tools/mutate.py --rev HEAD   # mutate a committed tree instead of the working tree
+    python tools/mutate.py --rev HEAD --overlay tests/test_x.py   # ... with a file from the tree
 
 What it does, per mistake: copy the source tree (by default the working tree's tracked and
 untracked-but-not-ignored files; with ``--rev`` the files of that commit, via ``git archive``)
@@ -448,6 +449,8 @@ def main(argv=None) -> int:
                    help="only verify that every patch applies exactly once; exit 1 if any is stale")
     p.add_argument("-j", "--jobs", type=int, default=1, help="mistakes run at the same time")
     p.add_argument("--rev", help="mutate this commit's files (git archive) instead of the working tree")
+    p.add_argument("--overlay", action="append", default=[],
+                   help="with --rev: copy this working-tree file over the commit's (repeatable)")
     p.add_argument("--baseline", action="store_true",
                    help="first run every selected test node on the unmutated tree")
     p.add_argument("--keep", action="store_true", help="keep the scratch copies (debugging)")
@@ -467,6 +470,9 @@ def main(argv=None) -> int:
         base = os.path.join(base_dir, "repo")
         os.makedirs(base)
         make_base(base, args.rev)
+        for rel in args.overlay:
+            os.makedirs(os.path.dirname(os.path.join(base, rel)) or base, exist_ok=True)
+            shutil.copy2(os.path.join(REPO, rel), os.path.join(base, rel))
         if args.check:
             bad = 0
             for m in chosen:
