@@ -29,6 +29,7 @@ import socket
 import struct
 import sys
 import time
+import zlib
 from collections.abc import Sequence
 from typing import Any, Callable, Iterable, Mapping
 
@@ -443,11 +444,21 @@ def export_weights(path: str, recipe: Recipe, model: step_lib.ModelDef, params, 
     module = model.module(jax.device_get(params), jax.device_get(model_state), train=False)
     if is_main_process() and os.path.exists(path):
         shutil.rmtree(path)
-    if jax.process_count() > 1:  # every host writes its part after the old copy is gone
+    if jax.process_count() > 1:  # after the old copy is gone
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"export {path}")
-    return fcheckpoints.save_model(path, recipe.model, module, dict(recipe.model_overrides))
+    if is_main_process():
+        return fcheckpoints.save_model(path, recipe.model, module, dict(recipe.model_overrides))
+    # the other hosts only take part in orbax's save (a collective; the replicated weights are
+    # written by host 0): no directory, no model.json of theirs (tests/test_multihost.py)
+    from flax import nnx
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(path, "state"),
+                   nnx.to_pure_dict(fcheckpoints.weights_state(module)))
+        ckptr.wait_until_finished()
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -498,6 +509,30 @@ def _host_batch(recipe: Recipe, item: Mapping[str, np.ndarray], t: int) -> dict[
     return batch
 
 
+class RowsLog:
+    """Which rows each process reads: with ``TRAIN_ROWS_LOG=PREFIX`` in the environment, every
+    process appends one JSON line per step to ``PREFIX.<process index>.jsonl``: the step and a
+    CRC-32 of each of its rows (lq and gt bytes, after the progressive crop). For debugging a
+    pod's data sharding; the multi-host test checks with it that hosts read disjoint rows."""
+
+    def __init__(self, prefix: str | None):
+        self._f = open(f"{prefix}.{jax.process_index()}.jsonl", "a") if prefix else None
+
+    def write(self, step: int, batch: Mapping[str, np.ndarray]) -> None:
+        if self._f is None:
+            return
+        n = len(batch["lq"])
+        rows = [format(zlib.crc32(batch["gt"][i].tobytes(), zlib.crc32(batch["lq"][i].tobytes())),
+                       "08x") for i in range(n)]
+        self._f.write(json.dumps({"step": int(step), "process": jax.process_index(),
+                                  "rows": rows}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
 def train(recipe: Recipe, workdir: str, *, devices=None, max_steps: int | None = None,
           quiet: bool = False) -> RunResult:
     """Trains (or resumes) ``recipe`` in ``workdir``; ``max_steps`` stops early (tests, demos)."""
@@ -541,6 +576,7 @@ def train(recipe: Recipe, workdir: str, *, devices=None, max_steps: int | None =
     val_set = load_val_set(recipe)
     evaluator = Evaluator(recipe, model, mesh, val_set) if val_set else None
     mlog = MetricsLog(workdir)
+    rows_log = RowsLog(os.environ.get("TRAIN_ROWS_LOG"))
     evals: list[tuple[int, dict]] = []
 
     stop = {"signal": None}
@@ -598,7 +634,7 @@ def train(recipe: Recipe, workdir: str, *, devices=None, max_steps: int | None =
     # XLA:CPU runs simulated devices' collectives on one shared thread pool: two multi-device
     # programs in flight can each hold threads the other needs (a 40 s rendezvous timeout).
     # There, wait for each step; on GPU/TPU the next step is queued while one runs.
-    serial = jax.default_backend() == "cpu" and mesh.size > 1
+    serial = mesh.devices.flat[0].platform == "cpu" and mesh.size > 1
     t = start
     pending = None  # (step, metrics) of the previous step, read after the next is dispatched
     window_t0, window_steps = time.time(), 0
@@ -606,7 +642,9 @@ def train(recipe: Recipe, workdir: str, *, devices=None, max_steps: int | None =
     try:
         while t < end and stop["signal"] is None:
             item = next(it)
-            batch = step_lib.global_batch(mesh, _host_batch(recipe, item, t + 1))
+            host_rows = _host_batch(recipe, item, t + 1)
+            rows_log.write(t + 1, host_rows)
+            batch = step_lib.global_batch(mesh, host_rows)
             state, metrics = train_step(state, batch, frozen)
             if serial:
                 jax.block_until_ready(metrics)
@@ -644,6 +682,7 @@ def train(recipe: Recipe, workdir: str, *, devices=None, max_steps: int | None =
             signal.signal(sig, h)
         progress.newline()
         mlog.close()
+        rows_log.close()
 
     if t >= recipe.total_steps:
         final = export_weights(os.path.join(workdir, "export", "final"), recipe, model,
