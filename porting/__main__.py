@@ -3,7 +3,9 @@
     python -m porting list
     python -m porting convert NAME CHECKPOINT OUT_DIR [--safetensors] [--key K] [--partial]
     python -m porting export NAME FLAX_CHECKPOINT OUT.pth
-    python -m porting verify NAME [CHECKPOINT] [--batch B --height H --width W --grads --tol T]
+    python -m porting verify NAME [CHECKPOINT] [--against FLAX_MODEL] [--grads] [--layers]
+                             [--json PATH] [--plain] [--tol T] [--k K] [--accelerator-path]
+                             [--batch B --height H --width W --seed S --jit]
     python -m porting vgg19 VGG19.pth OUT.safetensors
     python -m porting demo
 """
@@ -74,41 +76,94 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_verify(args) -> int:
+def _overrides_of(flax_path: str) -> dict:
+    """The config overrides a Flax model directory was saved with (a reduced-width model, say)."""
+    from flaxrestore import checkpoints
+
+    if not os.path.isdir(flax_path):
+        return {}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in
+            checkpoints.read_meta(flax_path).get("overrides", {}).items()}
+
+
+def _torch_reference(name: str, state, overrides: dict, what: str):
     import torch
 
+    from porting import reference
+
+    module = reference.build(name, **overrides)
+    try:
+        module.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+    except RuntimeError as e:  # torch names every missing / unexpected key and shape mismatch
+        raise ValueError(f"{what} does not fit the torch reference of {name!r}: {e}") from None
+    return module.eval()
+
+
+def cmd_verify(args) -> int:
+    import contextlib
+    import json
+
     import porting
-    from porting import reference, verify
+    from flaxrestore import lowering
+    from porting import verify
 
     torch_module = None
     flax_module = None
     overrides = {}
-    if args.checkpoint:
+    if args.against:
+        if not args.checkpoint:
+            raise ValueError("--against FLAX_MODEL_DIR compares it with a PyTorch file: "
+                             "give the file as CHECKPOINT")
+        if os.path.isdir(args.checkpoint) or args.checkpoint.endswith(".safetensors"):
+            raise ValueError(f"{args.checkpoint}: with --against, CHECKPOINT is the PyTorch file "
+                             "(.pth/.pt/.ckpt); the Flax model goes after --against")
+        if not os.path.exists(args.against):
+            raise FileNotFoundError(f"{args.against}: no such Flax model directory or file")
+        _step(f"reading Flax model {args.against}")
+        flax_module = _load_flax(args.name, args.against)
+        overrides = _overrides_of(args.against)
+        _step(f"reading {args.checkpoint}")
+        state = porting.load_state_dict_file(args.checkpoint, key=args.key)
+        torch_module = _torch_reference(args.name, state, overrides, args.checkpoint)
+    elif args.checkpoint:
         _step(f"reading {args.checkpoint}")
         if os.path.isdir(args.checkpoint) or args.checkpoint.endswith(".safetensors"):
             flax_module = _load_flax(args.name, args.checkpoint)
             state = porting.flax_to_torch(flax_module)
-            if os.path.isdir(args.checkpoint):  # a trained reduced-width model, say
-                from flaxrestore import checkpoints
-
-                overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in
-                             checkpoints.read_meta(args.checkpoint).get("overrides", {}).items()}
+            overrides = _overrides_of(args.checkpoint)
         else:
             state = porting.load_state_dict_file(args.checkpoint, key=args.key)
-        torch_module = reference.build(args.name, **overrides)
-        torch_module.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
-        torch_module.eval()
-    _step(f"running torch reference and Flax port of {args.name} "
-          f"(batch {args.batch}{', with gradients' if args.grads else ''}"
-          f"{', compiled' if args.jit else ''})")
-    report = verify.compare(args.name, torch_module, flax_module, batch=args.batch,
-                            height=args.height, width=args.width, seed=args.seed,
-                            grads=args.grads, jit=args.jit, **overrides)
+        torch_module = _torch_reference(args.name, state, overrides, args.checkpoint)
+    if args.tol is None:
+        args.tol = verify.TOL
+    if args.k is None:
+        args.k = verify.K
+    mode = "plain float32 comparison" if args.plain else "float64 yardstick"
+    switch = lowering.accelerator_path() if args.accelerator_path else contextlib.nullcontext()
+    with switch:
+        _step(f"running torch reference and Flax port of {args.name} "
+              f"(batch {args.batch}, {mode}{', with gradients' if args.grads else ''}"
+              f"{', block by block' if args.layers else ''}{', compiled' if args.jit else ''})")
+        _step(f"Flax side: {lowering.describe()}")
+        report = verify.compare(args.name, torch_module, flax_module, batch=args.batch,
+                                height=args.height, width=args.width, seed=args.seed,
+                                grads=args.grads, jit=args.jit, plain=args.plain,
+                                layers=args.layers, tol=args.tol, k=args.k,
+                                model_overrides=overrides)
     print(report.format())
-    worst = report.worst()
-    ok = worst <= args.tol
-    print(f"{'PASS' if ok else 'FAIL'}: worst relative difference {worst:.3e} (tolerance {args.tol:g})")
-    return 0 if ok else 1
+    print(report.verdict())
+    if args.json:
+        doc = report.as_json()
+        doc["inputs"] = {"torch_file": args.checkpoint, "flax_model": args.against,
+                         "batch": args.batch, "height": args.height, "width": args.width,
+                         "seed": args.seed, "grads": args.grads, "jit": args.jit}
+        out = os.path.abspath(args.json)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out + ".tmp", "w") as f:
+            json.dump(doc, f, indent=1, default=str)
+        os.replace(out + ".tmp", out)
+        _step(f"wrote {args.json}")
+    return 0 if report.ok() else 1
 
 
 def cmd_vgg19(args) -> int:
@@ -163,19 +218,56 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(default: what the official release uses)")
     s.set_defaults(fn=cmd_export)
 
-    s = sub.add_parser("verify", help="run torch reference and Flax port side by side")
-    s.add_argument("name")
-    s.add_argument("checkpoint", nargs="?", help="PyTorch file or Flax checkpoint; random weights if omitted")
-    s.add_argument("--key")
+    s = sub.add_parser(
+        "verify", help="run torch reference and Flax port side by side",
+        description="Runs the torch reference (float32, and float64 as the yardstick) and the Flax "
+                    "port on the same weights and inputs. A tensor passes when Flax's error "
+                    "against float64 is at most max(TOL, K x torch float32's own error). "
+                    "Exit status 0: pass, 1: fail, 2: usage or file error.",
+        epilog="examples:\n"
+               "  python -m porting verify restormer:motion_deblurring motion_deblurring.pth --grads\n"
+               "  python -m porting verify darkir:m DarkIR_384.pt --against out/darkir --layers "
+               "--json report.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("name", help="model name (see `list`)")
+    s.add_argument("checkpoint", nargs="?",
+                   help="PyTorch file, or (without --against) a Flax checkpoint; random weights "
+                        "if omitted")
+    s.add_argument("--against", metavar="FLAX_MODEL",
+                   help="compare this Flax model directory (written by `convert` or the trainer) "
+                        "or .safetensors with the PyTorch CHECKPOINT, instead of converting "
+                        "CHECKPOINT for both sides")
+    s.add_argument("--key", help="take the state dict from this top-level entry of CHECKPOINT")
     s.add_argument("--batch", type=int, default=2)
     s.add_argument("--height", type=int)
     s.add_argument("--width", type=int)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--grads", action="store_true", help="also compare gradients of a scalar loss")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random inputs (and weights)")
+    s.add_argument("--grads", action="store_true",
+                   help="also compare gradients of a scalar loss for the inputs and every parameter")
+    s.add_argument("--layers", action="store_true",
+                   help="also compare every named module's output (torch forward hooks against "
+                        "the Flax submodule at the same attribute path, op by op) and name the "
+                        "first one that departs from the yardstick")
     s.add_argument("--jit", action="store_true",
                    help="compile the Flax side as the trainer and restore do (XLA options "
                         "included) instead of running it op by op")
-    s.add_argument("--tol", type=float, default=1e-4, help="relative tolerance (default 1e-4)")
+    s.add_argument("--accelerator-path", action="store_true",
+                   help="run the Flax side on the lowering TPUs and GPUs run "
+                        "(flaxrestore.lowering.accelerator_path()), whatever this machine is; "
+                        "FLAXRESTORE_LOWERING=accelerator does the same")
+    s.add_argument("--tol", type=float, default=None,
+                   help=f"relative error always accepted (default {1e-4:g}); with --plain, the "
+                        "tolerance between the two float32 runs")
+    s.add_argument("--k", type=float, default=None,
+                   help="how many times torch float32's own error (against float64) Flax may "
+                        "have (default: porting.verify.K, measured; see README)")
+    s.add_argument("--plain", action="store_true",
+                   help="no float64 run: pass when Flax and torch float32 differ by at most TOL "
+                        "relative (the check before the yardstick; stricter on tensors torch "
+                        "itself gets wrong in float32)")
+    s.add_argument("--json", metavar="PATH",
+                   help="write the whole report (outputs, gradients, layers, verdict, versions, "
+                        "platform and lowering) to PATH")
     s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("vgg19", help="torchvision VGG19 ImageNet weights -> .safetensors for the "
