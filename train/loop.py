@@ -511,8 +511,9 @@ def _host_batch(recipe: Recipe, item: Mapping[str, np.ndarray], t: int) -> dict[
 
 class RowsLog:
     """Which rows each process reads: with ``TRAIN_ROWS_LOG=PREFIX`` in the environment, every
-    process appends one JSON line per step to ``PREFIX.<process index>.jsonl``: the step and a
-    CRC-32 of each of its rows (lq and gt bytes, after the progressive crop). For debugging a
+    process appends one JSON line per step to ``PREFIX.<process index>.jsonl``: the step, the
+    shape of its part of the batch and a CRC-32 of each of its rows (lq and gt bytes, after the
+    progressive crop). For debugging a
     pod's data sharding; the multi-host test checks with it that hosts read disjoint rows."""
 
     def __init__(self, prefix: str | None):
@@ -525,7 +526,7 @@ class RowsLog:
         rows = [format(zlib.crc32(batch["gt"][i].tobytes(), zlib.crc32(batch["lq"][i].tobytes())),
                        "08x") for i in range(n)]
         self._f.write(json.dumps({"step": int(step), "process": jax.process_index(),
-                                  "rows": rows}) + "\n")
+                                  "shape": list(batch["lq"].shape), "rows": rows}) + "\n")
         self._f.flush()
 
     def close(self) -> None:
