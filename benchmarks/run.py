@@ -54,10 +54,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-from flaxrestore import layers as _layers  # noqa: E402
+from flaxrestore import lowering as _lowering  # noqa: E402
+from flaxrestore.xla_cpu import tuning as _tuning  # noqa: E402
 
-_layers.prefer_memory_saving_cpu_scheduler()  # as the trainer does (before jax starts)
-RETAINS_MEMORY = _layers.retain_freed_cpu_memory()  # as the trainer does; torch shares the heap
+# as `python -m train` does, before jax starts; torch shares the heap
+RETAINS_MEMORY = _tuning.tune_cpu_process()["retain_freed_memory"]
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -260,7 +261,7 @@ def bench_forward(name: str, ref: torch.nn.Module, net: nnx.Module, size: int, r
     graph, state = nnx.split(net)
 
     # the options the trainer and flaxrestore.restore compile with (FLAXRESTORE_XNN_CONVS=0: none)
-    @functools.partial(jax.jit, compiler_options=_layers.compiler_options())
+    @functools.partial(jax.jit, compiler_options=_lowering.compiler_options())
     def fwd(state, *xs):
         return nnx.merge(graph, state)(*xs)
 
@@ -594,12 +595,12 @@ size (Flax: the trainer's jitted step; torch: the reference module, the same los
 eager NCHW). Medians of interleaved
 rounds (`--repeats`, `--train-repeats`) after one warm-up call each. Both frameworks share the
 process and its malloc, which keeps freed memory for reuse (as the trainer sets it up:
-`flaxrestore.layers.retain_freed_cpu_memory`); only when the process holds more than half the
+`flaxrestore.xla_cpu.tuning.retain_freed_cpu_memory`); only when the process holds more than half the
 machine's memory (`--trim-above`) is freed memory returned to the OS before a timed call, and
 then one untimed call faults it in again, so that the timed call runs warm as the steps of a
 training loop do (the row's notes say when that happened).
 **Flax / torch** is Flax over torch NCHW eager; below 1 Flax is faster. Compile: lowering + XLA
-compile of that program (once per shape; on CPU with `flaxrestore.layers.compiler_options()`:
+compile of that program (once per shape; on CPU with `flaxrestore.lowering.compiler_options()`:
 3x3 convolutions on XNNPACK, `FLAXRESTORE_XNN_CONVS=0` for XLA's defaults; 3x3 convolutions
 with >= 96 channels (64 on large images) by Winograd, in training too where the native kernels
 are built, `FLAXRESTORE_WINOGRAD=0` for the library conv).

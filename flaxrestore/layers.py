@@ -6,6 +6,13 @@ difference is settled in one place in this file, with a one-line comment saying 
 Parameter naming convention (the converter relies on it, see ``porting/convert.py``):
 a conv's weight is ``kernel`` in HWIO layout, its bias ``bias``; a norm's weight is ``scale``.
 Every other parameter keeps the torch attribute name.
+
+How a primitive is computed is asked of one seam, :func:`flaxrestore.lowering.per_platform`:
+programs compiled for a TPU or GPU get the library ops written here (``conv_general_dilated``,
+``feature_group_count`` depthwise convs, ``reduce_window``, ``jax.checkpoint``); programs
+compiled for the CPU get the XLA:CPU lowerings of :mod:`flaxrestore.xla_cpu`, which compute the
+same numbers faster there. ``FLAXRESTORE_LOWERING=accelerator`` (or
+``lowering.accelerator_path()``) gives a CPU process the accelerator path, for testing it.
 """
 
 from __future__ import annotations
@@ -20,7 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxrestore import native
+from flaxrestore import lowering
+from flaxrestore.xla_cpu import convs as xla_convs
+from flaxrestore.xla_cpu import depthwise as xla_depthwise
+from flaxrestore.xla_cpu import pooling as xla_pooling
+from flaxrestore.xla_cpu import remat as xla_remat
+from flaxrestore.xla_cpu import sampling as xla_sampling
 
 # nnx.Sequential is used as-is; the converter treats its `layers` list as torch's child indices.
 Sequential = nnx.Sequential
@@ -67,617 +79,11 @@ def pad2d(x: jax.Array, pad: Sequence[int] | int, mode: str = "zeros") -> jax.Ar
     return jnp.pad(x, ((0, 0), (t, b), (l, r), (0, 0)), mode=_PAD_MODES[mode])
 
 
-def _use_shifted_depthwise() -> bool:
-    # XLA:CPU lowers feature_group_count=C convs slowly (see DESIGN.md); shifted multiply-adds
-    # match torch to float rounding and are several times faster there. GPU/TPU use the library conv.
-    return jax.default_backend() == "cpu"
-
-
-def _use_cpu_conv_grads() -> bool:
-    # XLA:CPU computes a conv's kernel gradient (a conv with batch and feature roles swapped) about
-    # 10x slower than the forward (4x128x128x96, 3x3: 1.7 s vs 0.2 s); per-tap 2-D matmuls took
-    # 0.6 s. GPU/TPU keep the library gradient.
-    return jax.default_backend() == "cpu"
-
-
-CPU_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-
-
-def prefer_memory_saving_cpu_scheduler() -> None:
-    """Adds :data:`CPU_SCHEDULER_FLAG` to ``XLA_FLAGS`` unless the user set that flag.
-
-    XLA:CPU's concurrency-optimized scheduler (on by default) keeps many more activations alive
-    at once: Restormer's training step at 4x128x128 planned 40 GB of temporaries with it and ran
-    out of memory; a one-block-per-level Restormer gradient needed 9.3 GB with it, 3.4 GB
-    without. XLA reads the flag when the backend starts, so call this before the first jax
-    computation (the trainer and the benchmarks do, at import). Per-jit ``compiler_options``
-    are accepted but do not reach this pass (jax 0.10).
-    """
-    import os
-
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
-        os.environ["XLA_FLAGS"] = (flags + " " + CPU_SCHEDULER_FLAG).strip()
-
-
-def _turned_off(env_var: str) -> bool:
-    """True when the environment variable says 0 / false / no / off (unset: on)."""
-    import os
-
-    return os.environ.get(env_var, "1").strip().lower() in ("0", "false", "no", "off")
-
-
-# XLA:CPU (jax 0.10) gives YNNPACK single dots, reductions and single convolutions by default.
-# These options keep the first two there and give the convolutions to XNNPACK instead.
-CPU_COMPILER_OPTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type":
-        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
-    "xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
-}
-CPU_COMPILER_OPTIONS_ENV = "FLAXRESTORE_XNN_CONVS"
-
-
-def compiler_options(platform: str | None = None) -> dict[str, str] | None:
-    """XLA compile options for this package's jitted model calls on ``platform`` (default: jax's
-    default backend), for ``jax.jit(..., compiler_options=...)``; None where there are none.
-
-    On CPU, :data:`CPU_COMPILER_OPTIONS`: 3x3 convolutions on XNNPACK rather than YNNPACK.
-    Measured on the 2-core AVX2 machine: 64->64 channels at 1x256x256 65 -> 40 ms, 96->96 at
-    128x128 26 -> 19 ms; SNR-Aware forward 256 x0.87, Restormer x0.96 (see docs/benchmarks.md).
-    None (XLA's defaults) off CPU, with ``FLAXRESTORE_XNN_CONVS=0``, when ``XLA_FLAGS`` sets
-    either fusion flag itself (the user's choice wins), or when this jaxlib rejects the options.
-    Compiled results equal the defaults' to float rounding (the tests compare both with torch).
-    """
-    import os
-
-    if platform is None:
-        platform = jax.default_backend()
-    if platform != "cpu":
-        return None
-    if _turned_off(CPU_COMPILER_OPTIONS_ENV):
-        return None
-    flags = os.environ.get("XLA_FLAGS", "")
-    if any(name in flags for name in CPU_COMPILER_OPTIONS):
-        return None
-    return dict(CPU_COMPILER_OPTIONS) if _cpu_options_accepted() else None
-
-
-@functools.cache
-def _cpu_options_accepted() -> bool:
-    # a newer jaxlib may rename the enum values: compile a tiny conv once and fall back if refused
-    x = jnp.zeros((1, 4, 4, 2), jnp.float32)
-    k = jnp.zeros((3, 3, 2, 2), jnp.float32)
-    try:
-        jax.jit(_conv_lib, static_argnums=(2, 3, 4, 5)).lower(
-            x, k, (1, 1), (1, 1), (1, 1), 1).compile(dict(CPU_COMPILER_OPTIONS))
-    except Exception as err:  # noqa: BLE001 - any refusal means: use XLA's defaults
-        import warnings
-
-        warnings.warn(f"XLA rejected flaxrestore's CPU compile options, using its defaults: {err}",
-                      RuntimeWarning, stacklevel=3)
-        return False
-    return True
-
-
-RETAIN_MEMORY_ENV = "FLAXRESTORE_RETAIN_CPU_MEMORY"
-_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
-                        "jax_rocm7_plugin", "libtpu")
-
-
-def retain_freed_cpu_memory() -> bool:
-    """Makes glibc keep freed memory for reuse instead of returning it to the OS; True if applied.
-
-    Each call of a compiled XLA:CPU program allocates its temporaries as one block (SNR-Aware's
-    training step at 4x128x128: 477 MiB; DarkIR-m's at 4x256x256: 6.2 GB) from a worker thread,
-    for which glibc maps fresh pages and unmaps them on free. Touching them again costs a page
-    fault per 4 KiB. Measured on the 2-core machine: SNR-Aware 130,000 faults per step, 2.05 s
-    -> 1.70 s without them; DarkIR-m 2.2 million faults and 14 s of system time per step,
-    25.8 s -> 17.3 s. With one malloc arena, no mmap-served allocations and no trimming, the
-    block is reused from the heap (0 faults). The price is that the process keeps its peak heap
-    until it exits (the next step needs it anyway), and that while the heap fragments a few early
-    steps grow it to a new high-water mark (SNR-Aware 4x128: steps 1, 2 and 6 of 25, resident
-    2.4 -> 3.3 GB, then 0 faults).
-
-    Applied only where it helps and is safe: glibc (Linux), the CPU backend (skipped when
-    ``JAX_PLATFORMS`` names another platform or a GPU/TPU plugin is installed, unless
-    ``JAX_PLATFORMS=cpu``), not disabled with ``FLAXRESTORE_RETAIN_CPU_MEMORY=0``. Call it before
-    jax starts its backend (threads that already allocated keep their arenas); the trainer
-    (``train.step``) and the benchmarks do, at import.
-    """
-    import ctypes
-    import importlib.util
-    import os
-
-    if _turned_off(RETAIN_MEMORY_ENV):
-        return False
-    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
-    if platforms and platforms.split(",")[0] != "cpu":
-        return False
-    if not platforms and any(importlib.util.find_spec(p) is not None
-                             for p in _ACCELERATOR_PLUGINS):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's malloc.h
-    # one arena: glibc serves a large request of a non-main arena by mmap whatever M_MMAP_MAX says
-    ok = mallopt(m_arena_max, 1) == 1
-    ok = mallopt(m_mmap_max, 0) == 1 and ok
-    # never trim the heap's top: -1 reaches glibc as SIZE_MAX (the int limit, 2 GiB, let
-    # DarkIR-m's 6.2 GB step temporaries be returned and faulted in again every step)
-    ok = mallopt(m_trim_threshold, -1) == 1 and ok
-    return ok
-
-
-def depthwise_conv_shifted(x, kernel, dilation=(1, 1)):
-    """Depthwise stride-1 conv on an already padded NHWC input; kernel is (kh, kw, 1, C).
-
-    Plain autodiff of this saves every shifted slice for the backward (kh*kw copies of x);
-    :func:`depthwise_conv2d` is the same forward with a backward that keeps only x.
-    """
-    kh, kw = kernel.shape[:2]
-    dh, dw = dilation
-    ho = x.shape[1] - dh * (kh - 1)
-    wo = x.shape[2] - dw * (kw - 1)
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = x[:, i * dh:i * dh + ho, j * dw:j * dw + wo, :] * kernel[i, j, 0]
-            out = tap if out is None else out + tap
-    return out
-
-
-def _zero_pad_hw(x, top, bottom, left, right):
-    """lax.pad on H and W; negative amounts crop."""
-    zero = jnp.zeros((), x.dtype)
-    return jax.lax.pad(x, zero, ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def depthwise_conv2d(x, kernel, padding=(0, 0), dilation=(1, 1)):
-    """Depthwise stride-1 conv (zero padding, no bias), NHWC / (kh, kw, 1, C), as shifted
-    multiply-adds, with a hand-written backward (residuals: x and the kernel only).
-
-    Backward: dx is the same shifted conv of dy (padded by dilation*(k-1)-padding) with the
-    spatially flipped kernel; dkernel[i, j] is the sum over batch and space of the (i, j)-shifted
-    padded x times dy. For float32, when :func:`flaxrestore.native.available`, the three are
-    native kernels (:func:`flaxrestore.native.depthwise_conv`,
-    :func:`~flaxrestore.native.depthwise_kernel_grad`: one pass over memory each); otherwise
-    shifted multiply-adds and one reduction per tap.
-    """
-    ph, pw = padding
-    if _native_float32(x, kernel):
-        kh, kw = kernel.shape[:2]
-        out_hw = (x.shape[1] + 2 * ph - dilation[0] * (kh - 1),
-                  x.shape[2] + 2 * pw - dilation[1] * (kw - 1))
-        return native.depthwise_conv(x, kernel, out_hw, padding, dilation)
-    return depthwise_conv_shifted(_zero_pad_hw(x, ph, ph, pw, pw), kernel, dilation)
-
-
-def _native_float32(*arrays) -> bool:
-    """True when the native CPU kernels (flaxrestore.native) take these arrays: all float32."""
-    return all(a.dtype == jnp.float32 for a in arrays) and native.available()
-
-
-def _depthwise_fwd(x, kernel, padding, dilation):
-    return depthwise_conv2d(x, kernel, padding, dilation), (x, kernel)
-
-
-def _depthwise_bwd(padding, dilation, res, dy):
-    x, kernel = res
-    ph, pw = padding
-    dh, dw = dilation
-    kh, kw = kernel.shape[:2]
-    h, w = x.shape[1:3]
-    ho, wo = dy.shape[1:3]
-    th, tw = dh * (kh - 1) - ph, dw * (kw - 1) - pw
-    if _native_float32(x, dy, kernel):
-        # dk in one pass over x and dy instead of one reduction per tap over a shifted copy of x
-        dx = native.depthwise_conv(dy, kernel[::-1, ::-1], (h, w), (th, tw), dilation)
-        dk = native.depthwise_kernel_grad(x, dy, (kh, kw), padding, dilation)
-        return dx, dk
-    dyp = _zero_pad_hw(dy, th, h + dh * (kh - 1) - ho - th, tw, w + dw * (kw - 1) - wo - tw)
-    dx = depthwise_conv_shifted(dyp, kernel[::-1, ::-1], dilation)
-    xp = _zero_pad_hw(x, ph, ph, pw, pw)
-    taps = [jnp.sum(xp[:, i * dh:i * dh + ho, j * dw:j * dw + wo, :] * dy, axis=(0, 1, 2))
-            for i in range(kh) for j in range(kw)]
-    dk = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
-    return dx.astype(x.dtype), dk
-
-
-depthwise_conv2d.defvjp(_depthwise_fwd, _depthwise_bwd)
-
-
-def _conv_lib(x, kernel, stride, padding, dilation, groups):
-    (ph, pw) = padding
-    return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=stride, padding=((ph, ph), (pw, pw)), rhs_dilation=dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
-
-
-def _x_windows(x, kernel_hw, out_hw, stride, padding, dilation, rows=None):
-    """The kh*kw windows of zero-padded x that tap (i, j) of a conv reads, each (n, ho, wo, c),
-    in (i, j) row-major order; with ``rows = (r0, r1)`` only those output rows."""
-    kh, kw = kernel_hw
-    ho, wo = out_hw
-    sh, sw = stride
-    ph, pw = padding
-    dh, dw = dilation
-    r0, r1 = rows if rows is not None else (0, ho)
-    xp = _zero_pad_hw(x, ph, ph, pw, pw)
-    n, c = xp.shape[0], xp.shape[-1]
-    return [jax.lax.slice(xp, (0, i * dh + r0 * sh, j * dw, 0),
-                          (n, i * dh + (r1 - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
-                          (1, sh, sw, 1))
-            for i in range(kh) for j in range(kw)]
-
-
-def conv_kernel_grad_taps(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-                          groups: int = 1):
-    """The kernel gradient of a zero-padded conv (NHWC / HWIO) as one 2-D matmul per tap:
-    dkernel[i, j] = (strided (i, j)-shifted padded x)^T @ dy over batch and space."""
-    kh, kw, cin_g, cout = kernel_shape
-    c = x.shape[-1]
-    dy2 = dy.reshape(-1, cout)
-    taps = []
-    for win in _x_windows(x, (kh, kw), dy.shape[1:3], stride, padding, dilation):
-        xs = win.reshape(-1, c)
-        if groups == 1:
-            taps.append(xs.T @ dy2)
-        else:
-            g = jnp.einsum("mgc,mgo->cgo", xs.reshape(-1, groups, cin_g),
-                           dy2.reshape(-1, groups, cout // groups))
-            taps.append(g.reshape(cin_g, cout))
-    return jnp.stack(taps).reshape(kernel_shape)
-
-
-# shifted copies of the narrower side (9x its size for a 3x3 kernel), all held at once, up to
-# this size when both sides have similar widths. Trainer step time with this limit / with 32 MB
-# (in-process A/B, 2-core machine): SNR-Aware 0.93-0.97 (+103 MiB of XLA temporaries),
-# DarkIR-m 0.93 (same memory), AECR-Net 1.00, Restormer 0.96-1.01 (noise). Larger copies
-# (MPRNet's convs: 226 MB and more at its patch sizes) are made per block of rows
-_IM2COL_MAX_BYTES = 160 << 20
-
-
-def conv_kernel_grad(x, dy, kernel_shape, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-                     groups: int = 1):
-    """The kernel gradient of a zero-padded conv (NHWC / HWIO) on CPU, as few, large matmuls.
-
-    For a stride-1, ungrouped conv the side with fewer channels is copied once per tap (x's
-    shifted windows if it has fewer channels than dy, else dy shifted onto x's grid) and the
-    gradient is ONE matmul with the other side as it is; this replaces kh*kw matmuls whose
-    outputs are as narrow as the channel counts (measured on the 2-core machine, 4x128x128
-    64->3: 157 ms as taps, 16 ms so; 4x32x32 64->64: 12.5 -> 9.4 ms). When the copies would
-    exceed 160 MB with both sides of similar width, the rows are split into blocks of at most
-    80 MB of copies, one matmul each, summed. The copies are made by the native kernel
-    (:func:`flaxrestore.native.windows`) where it is built, for float32; else by XLA. Strided or
-    grouped convs use :func:`conv_kernel_grad_taps`.
-    """
-    kh, kw, _, cout = kernel_shape
-    n, ho, wo, _ = dy.shape
-    c = x.shape[-1]
-    narrow = min(c, cout)
-    copies = kh * kw * n * x.shape[1] * x.shape[2] * narrow * x.dtype.itemsize
-    # a side 8x narrower than the other: the taps would copy 8x more (AECR-Net's 7x7 64->3 at
-    # 4x240x240: 1677 ms as taps, 183 ms so, with 135 MB of copies held at once)
-    lopsided = 8 * narrow <= max(c, cout)
-    if tuple(stride) != (1, 1) or groups != 1 or kh * kw == 1:
-        return conv_kernel_grad_taps(x, dy, kernel_shape, stride, padding, dilation, groups)
-    # above the limit, blocks of image rows, one matmul each, summed (MPRNet's ORSNet conv at
-    # 2x256x256, 128 -> 128: 482 ms as taps, 344 ms in 8 blocks of 32 rows; torch 284 ms)
-    blocks = 1 if lopsided else max(1, -(-copies // (_IM2COL_MAX_BYTES // 2)))
-    ph, pw = padding
-    dh, dw = dilation
-    h, w = x.shape[1:3]
-    # the windows by the native kernel where it is built (float32; 2x128x128x96, 3x3: 27 ms as
-    # XLA's concatenation of slices, 14 ms so)
-    use_native = _native_float32(x, dy)
-    if cout <= c:
-        # dkernel[i, j] = x^T @ (dy moved down/right by (i*dh - ph, j*dw - pw) onto x's h x w
-        # grid, zeros where it has no value)
-        def block(r0, r1):  # x's rows [r0, r1)
-            cols = _dy_windows(dy, (kh, kw), (h, w), (ph, pw), dilation, (r0, r1), use_native)
-            return x[:, r0:r1].reshape(-1, c).T @ cols.reshape(-1, kh * kw * cout)
-
-        g = _sum_row_blocks(block, h, blocks)
-        return g.reshape(c, kh, kw, cout).transpose(1, 2, 0, 3)
-
-    # dkernel[i, j] = (x's (i, j)-shifted window)^T @ dy, all taps in one matmul
-    def block(r0, r1):  # dy's rows [r0, r1)
-        if use_native:
-            cols = native.windows(x, (kh, kw), (r1 - r0, wo), (r0 - ph, -pw), (dh, dw))
-        else:
-            wins = _x_windows(x, (kh, kw), (ho, wo), stride, padding, dilation, rows=(r0, r1))
-            cols = jnp.concatenate(wins, axis=-1)
-        return cols.reshape(-1, kh * kw * c).T @ dy[:, r0:r1].reshape(-1, cout)
-
-    g = _sum_row_blocks(block, ho, blocks)  # (kh*kw*c, cout)
-    return g.reshape(kh, kw, c, cout)
-
-
-def _dy_windows(dy, kernel_hw, x_hw, top_left, dilation, rows, use_native: bool):
-    """The output gradient dy of a stride-1 conv moved back onto the input's grid, one copy per
-    tap side by side on the channel axis: (N, r1 - r0, w, kh*kw*C) with
-    ``out[b, r, x, (i*kw + j)*C + c] = dy[b, r0 + r + t - i*dh, x + l - j*dw, c]`` (zero where
-    dy has no value), ``top_left = (t, l)`` the conv's top/left padding, ``rows = (r0, r1)``
-    the input rows. The kernel gradient is x^T @ this; the input gradient of a conv with few
-    output channels is this @ the kernel. By :func:`flaxrestore.native.windows` when
-    ``use_native`` (float32), else as XLA's concatenation of slices of a zero-padded dy."""
-    kh, kw = kernel_hw
-    h, w = x_hw
-    t, l = top_left
-    dh, dw = dilation
-    r0, r1 = rows
-    ho, wo = dy.shape[1:3]
-    if use_native:  # written pixel by pixel
-        return native.windows(dy, (kh, kw), (r1 - r0, w), (t + r0, l), (-dh, -dw))
-    top, left = max(0, (kh - 1) * dh - t), max(0, (kw - 1) * dw - l)
-    dyp = _zero_pad_hw(dy, top, max(0, t + h - ho), left, max(0, l + w - wo))
-    wins = []
-    for i in range(kh):
-        for j in range(kw):
-            r, q = top + t - i * dh + r0, left + l - j * dw
-            wins.append(dyp[:, r:r + r1 - r0, q:q + w, :])
-    return jnp.concatenate(wins, axis=-1)
-
-
-def _sum_row_blocks(block, rows: int, blocks: int):
-    """sum of block(r0, r1) over ``blocks`` near-equal ranges of [0, rows)."""
-    blocks = max(1, min(blocks, rows))
-    edges = [rows * k // blocks for k in range(blocks + 1)]
-    total = None
-    for r0, r1 in zip(edges[:-1], edges[1:]):
-        part = block(r0, r1)
-        total = part if total is None else total + part
-    return total
-
-
-# Winograd F(2x2, 3x3): input-tile transform B^T d B, kernel transform G g G^T, output
-# transform A^T m A (Lavin & Gray, 2016). Entries 0, +-1 and 1/2 only, so the transforms add
-# no rounding beyond the additions themselves (measured error vs float64: 2.9e-6 against the
-# library conv's 2.0e-6 on a 128-channel conv with unit-scale activations).
-_WINO_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
-_WINO_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-_WINO_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
-
-# CPU convs with at least this many input AND output channels use Winograd when they are not
-# differentiated (3x3, stride 1, dilation 1, ungrouped, zero padding <= 2). Measured on the 2-core
-# AVX2 machine, ms (Winograd / XNNPACK library conv / torch eager): 1x256x256 128->128
-# 115 / 157 / 125; 2x128x256 96->96 33 / 46 / 37; 2x64x128 144->144 19 / 27 / 23; 4x64x64
-# 128->128 27 / 39 / 34; 1x256x256 32->32 17 / 17 / 12. At 64 channels there is no gain
-# (4x128x128: 34.0 vs 34.1 ms; 4x32x32: 3.3 vs 2.8), hence 96.
-WINOGRAD_MIN_CHANNELS = 96
-# narrower convs take Winograd on large images only: 64 -> 64 channels at 1x256x256 took 50 ms
-# by Winograd against 55 ms (library), at 1x64x64 4.3 against 3.3 ms (2-core AVX2 machine)
-WINOGRAD_LARGE_MIN_CHANNELS = 64
-WINOGRAD_LARGE_PIXELS = 256 * 256
-WINOGRAD_ENV = "FLAXRESTORE_WINOGRAD"
-
-
-def _winograd_kernel(kernel: jax.Array) -> jax.Array:
-    """The transformed kernel (16, C_in, C_out): u[(a, b)] = sum over i, j of
-    G[a, i] * G[b, j] * kernel[i, j], as one (16, 9) @ (9, C_in*C_out) matmul (the same sums
-    as a three-operand einsum, which XLA:CPU ran 18x slower: 512 -> 512, 28 ms)."""
-    kh, kw, cin, cout = kernel.shape
-    g = np.asarray(_WINO_G, np.float32)
-    gg = np.einsum("ai,bj->abij", g, g).reshape(16, 9)
-    u = jnp.dot(jnp.asarray(gg, kernel.dtype), kernel.reshape(9, cin * cout),
-                precision=jax.lax.Precision.HIGHEST)
-    return u.reshape(16, cin, cout)
-
-
-def winograd_conv3x3(x: jax.Array, kernel: jax.Array, padding=(1, 1)) -> jax.Array:
-    """A 3x3, stride-1, zero-padded NHWC / HWIO conv by Winograd F(2x2, 3x3).
-
-    The output is cut into 2x2 tiles; each tile's 4x4 input window is transformed, the 16
-    transformed positions become 16 independent (tiles x C_in) @ (C_in x C_out) matmuls, and
-    the products are transformed back: 16 multiplies per tile instead of 36, for two extra
-    memory passes. Equal to the direct conv up to float rounding. Each transform is written
-    as one broadcast sum over the 16 window positions, which XLA compiles to a single fused
-    loop (a per-position formulation compiled to 24 kernels per conv and took twice as long to
-    compile, for the same speed).
-    """
-    if kernel.shape[:2] != (3, 3):
-        raise ValueError(f"winograd_conv3x3 needs a 3x3 kernel, got {kernel.shape}")
-    n, h, w, c = x.shape
-    ph, pw = padding
-    ho, wo = h + 2 * ph - 2, w + 2 * pw - 2
-    th, tw = -(-ho // 2), -(-wo // 2)
-    if _native_float32(x, kernel):
-        # the transforms by native kernels: XLA fused the output transform into the conv's
-        # consumers at 3-4x its own cost
-        u = _winograd_kernel(kernel)
-        m = jax.lax.dot_general(native.winograd_input(x, padding, (th, tw)), u,
-                                (((2,), (1,)), ((0,), (0,))))
-        return native.winograd_output(m, (n, ho, wo, kernel.shape[-1]))
-    bt, at = (np.asarray(m, np.float32) for m in (_WINO_BT, _WINO_AT))
-    # pad an odd output up to whole tiles (the extra row/column is cropped at the end)
-    xp = _zero_pad_hw(x, ph, ph + 2 * th - ho, pw, pw + 2 * tw - wo)
-    # v[(a, b)] = sum over window positions (i, j) of bt[a, i] * bt[b, j] * window[i, j]
-    to_v = np.einsum("ai,bj->ijab", bt, bt).reshape(4, 4, 16, 1, 1, 1, 1)
-    v = sum(jnp.asarray(to_v[i, j], x.dtype) * xp[None, :, i:i + 2 * th:2, j:j + 2 * tw:2, :]
-            for i in range(4) for j in range(4))
-    u = _winograd_kernel(kernel)
-    m = jax.lax.dot_general(v.reshape(16, -1, c), u, (((2,), (1,)), ((0,), (0,))))
-    m = m.reshape(16, n, th, 1, tw, 1, -1)
-    # output pixel (2t + p, 2s + q) = sum over (a, b) of at[p, a] * at[q, b] * m[(a, b)], laid
-    # out interleaved as (n, t, p, s, q, c)
-    to_y = np.einsum("pa,qb->abpq", at, at).reshape(16, 1, 1, 2, 1, 2, 1)
-    y = sum(jnp.asarray(to_y[ab], m.dtype) * m[ab] for ab in range(16))
-    return y.reshape(n, 2 * th, 2 * tw, -1)[:, :ho, :wo]
-
-
-def _winograd_applies(kernel_shape, stride, padding, dilation, groups, pixels=0) -> bool:
-    """Whether conv2d_cpu's forward takes Winograd: 3x3, stride 1, undilated, ungrouped,
-    padding <= 2, and at least WINOGRAD_MIN_CHANNELS channels on both sides - or at least
-    WINOGRAD_LARGE_MIN_CHANNELS with ``pixels`` (batch x output pixels) >= WINOGRAD_LARGE_PIXELS."""
-    kh, kw, cin, cout = kernel_shape
-    wide = min(cin, cout) >= WINOGRAD_MIN_CHANNELS or (
-        min(cin, cout) >= WINOGRAD_LARGE_MIN_CHANNELS and pixels >= WINOGRAD_LARGE_PIXELS)
-    return ((kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
-            and groups == 1 and wide and all(0 <= p <= 2 for p in padding)
-            and not _turned_off(WINOGRAD_ENV))
-
-
-# convs with at most this many output channels take conv_narrow_out on CPU
-NARROW_OUT_MAX = 4
-
-
-def _narrow_out_applies(kernel_shape, stride, groups) -> bool:
-    kh, kw, _, cout = kernel_shape
-    return cout <= NARROW_OUT_MAX and kh * kw > 1 and tuple(stride) == (1, 1) and groups == 1
-
-
-def conv_narrow_out(x, kernel, pads, dilation=(1, 1)):
-    """A stride-1, ungrouped NHWC / HWIO conv for very few output channels (an RGB output conv).
-
-    ``pads = ((top, bottom), (left, right))`` zero padding (negative values crop). Every tap's
-    contribution comes from ONE matmul of x with the kernel laid out as (C_in, kh*kw*C_out),
-    z = x @ K; the output is the sum over taps (i, j) of z's tap channels shifted by (i, j) *
-    dilation. The libraries handle 3-channel outputs poorly (measured on the 2-core machine at
-    1x256x256: 64 -> 3 3x3 12.7 ms vs 4.2 ms so, torch 9.9; AECR-Net's reflect-padded 7x7
-    64 -> 3 on 262x262: 52.8 vs 16.0 ms, torch 47.2). Products and sums in float32 (z is
-    float32 whatever x's type), rounded to x's dtype at the end.
-    """
-    n, h, w, c = x.shape
-    kh, kw, cin, cout = kernel.shape
-    if cin != c:
-        raise ValueError(f"conv_narrow_out: x has {c} channels, the kernel {cin}")
-    (top, bottom), (left, right) = pads
-    dh, dw = dilation
-    ho, wo = h + top + bottom - (kh - 1) * dh, w + left + right - (kw - 1) * dw
-    k2 = kernel.transpose(2, 0, 1, 3).reshape(c, kh * kw * cout)
-    z = jax.lax.dot_general(x.reshape(-1, c), k2, (((1,), (0,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-    z = jax.lax.pad(z.reshape(n, h, w, kh * kw * cout), jnp.zeros((), z.dtype),
-                    ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
-    y = None
-    for i in range(kh):
-        for j in range(kw):
-            t = (i * kw + j) * cout
-            part = z[:, i * dh:i * dh + ho, j * dw:j * dw + wo, t:t + cout]
-            y = part if y is None else y + part
-    return y.astype(x.dtype)
-
-
-def _conv_input_grad(x, kernel, dy, stride, pads, dilation, groups, conv):
-    """dL/dx of ``conv(x, kernel)`` (pads as ((top, bottom), (left, right))), stride 1 and
-    ungrouped by matmuls where the conv has few channels on one side:
-
-    * at most NARROW_OUT_MAX output channels (an RGB output conv): dy's windows on x's grid
-      (:func:`_dy_windows`, which the kernel gradient builds as well; XLA computes them once)
-      times the kernel. dx + dk of AECR-Net's 7x7 64 -> 3 at 4x246x246: 162 ms, 189 ms with the
-      library's dx; MPRNet's 3x3 96 -> 3 at 2x256x256: 23 against 30 ms;
-    * at most NARROW_OUT_MAX input channels: a narrow-output conv of dy with the flipped kernel
-      (MPRNet's 3 -> 96 conv on its 2x256x256 stage images, forward + both gradients: 75 ms
-      with the library's input gradient, 24 ms so, torch 36-39 ms);
-
-    a Winograd conv of dy with the flipped kernel (:func:`winograd_conv3x3`) for the 3x3
-    convs that take Winograd (:func:`_winograd_applies`, on the transposed channel counts) when
-    the native transforms are there (float32); else the library's own (the vjp of ``conv``)."""
-    kh, kw, cin, cout = kernel.shape
-    if _narrow_out_applies(kernel.shape, stride, groups) and cin > NARROW_OUT_MAX:
-        # dx = (dy's windows on x's grid) @ the kernel (XLA's gradient of conv_narrow_out's
-        # shifted sum, a sum of kh*kw padded copies, took 510 ms for AECR-Net's 4x246x246 7x7)
-        cols = _dy_windows(dy, (kh, kw), x.shape[1:3], (pads[0][0], pads[1][0]), dilation,
-                           (0, x.shape[1]), _native_float32(x, dy))
-        k2 = kernel.transpose(0, 1, 3, 2).reshape(kh * kw * cout, cin).astype(dy.dtype)
-        dx = jax.lax.dot_general(cols.reshape(-1, kh * kw * cout), k2, (((1,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
-        return dx.reshape(x.shape).astype(x.dtype)
-    if _narrow_out_applies((kh, kw, 1, cin), stride, groups):
-        dh, dw = dilation
-        (t, b), (l, r) = pads
-        # the transpose of a stride-1 conv: pad dy by the kernel's reach minus the padding
-        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-        dx = conv_narrow_out(dy, flipped, (((kh - 1) * dh - t, (kh - 1) * dh - b),
-                                           ((kw - 1) * dw - l, (kw - 1) * dw - r)), dilation)
-        return dx.astype(x.dtype)
-    if (_native_float32(x, kernel, dy) and tuple(dilation) == (1, 1)
-            and _winograd_applies((kh, kw, cout, cin), stride, (2 - pads[0][0], 2 - pads[1][0]),
-                                  dilation, groups, x.shape[0] * x.shape[1] * x.shape[2])
-            and pads[0][0] == pads[0][1] and pads[1][0] == pads[1][1]):
-        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-        return winograd_conv3x3(dy, flipped, (2 - pads[0][0], 2 - pads[1][0]))
-    _, vjp_x = jax.vjp(lambda x: conv(x, kernel), x)
-    return vjp_x(dy)[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def conv2d_cpu(x, kernel, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1):
-    """The conv (zero padding, no bias) on CPU.
-
-    Convs with at most :data:`NARROW_OUT_MAX` output channels (stride 1, ungrouped): always
-    :func:`conv_narrow_out`. Otherwise, not differentiated (inference, evaluation), float32:
-    Winograd for 3x3 stride-1 convs with at least :data:`WINOGRAD_MIN_CHANNELS` channels on
-    both sides, or :data:`WINOGRAD_LARGE_MIN_CHANNELS` on large images
-    (``FLAXRESTORE_WINOGRAD=0``: never; read when the function is traced), else the library
-    conv. Differentiated (wider outputs): the kernel gradient from matmuls
-    (:func:`conv_kernel_grad`) instead of XLA:CPU's slow kernel-gradient conv; the forward and
-    the input gradient (a conv of dy with the flipped kernel) by Winograd where it applies and
-    the native transforms are built (float32; measured in-process, training step / torch:
-    MPRNet 2x128x128 1.09 -> 0.77, AECR-Net with its VGG loss 0.91 -> 0.74, SNR-Aware
-    1.04 -> 0.94; with XLA's own transforms Winograd made MPRNet's step 1.01-1.12x slower),
-    else the library conv and its input gradient.
-    """
-    if _narrow_out_applies(kernel.shape, stride, groups):
-        return conv_narrow_out(x, kernel, ((padding[0],) * 2, (padding[1],) * 2), dilation)
-    # float32 only: in a 16-bit type the transforms' additions would round more than the conv
-    if (x.dtype == jnp.float32 and kernel.dtype == jnp.float32
-            and _winograd_applies(kernel.shape, stride, padding, dilation, groups,
-                                  x.shape[0] * x.shape[1] * x.shape[2])):
-        return winograd_conv3x3(x, kernel, padding)
-    return _conv_lib(x, kernel, stride, padding, dilation, groups)
-
-
-def _conv2d_cpu_fwd(x, kernel, stride, padding, dilation, groups):
-    if _narrow_out_applies(kernel.shape, stride, groups):
-        y = conv_narrow_out(x, kernel, ((padding[0],) * 2, (padding[1],) * 2), dilation)
-    elif (_native_float32(x, kernel)
-            and _winograd_applies(kernel.shape, stride, padding, dilation, groups,
-                                  x.shape[0] * x.shape[1] * x.shape[2])):
-        y = winograd_conv3x3(x, kernel, padding)
-    else:
-        y = _conv_lib(x, kernel, stride, padding, dilation, groups)
-    return y, (x, kernel)
-
-
-def _conv2d_cpu_bwd(stride, padding, dilation, groups, res, dy):
-    x, kernel = res
-    dx = _conv_input_grad(
-        x, kernel, dy, stride, ((padding[0],) * 2, (padding[1],) * 2), dilation, groups,
-        lambda x, k: _conv_lib(x, k, stride, padding, dilation, groups))
-    dk = conv_kernel_grad(x, dy, kernel.shape, stride, padding, dilation, groups)
-    return dx, dk.astype(kernel.dtype)
-
-
-conv2d_cpu.defvjp(_conv2d_cpu_fwd, _conv2d_cpu_bwd)
-
-
 def materialize(x: jax.Array) -> jax.Array:
-    """``x`` unchanged, but computed into its own buffer on CPU (elsewhere: ``x`` itself).
-
-    XLA:CPU fuses cheap elementwise producers into every consumer, and it strips
-    ``optimization_barrier``. A chain of residual adds (x + f(x) + g(...) ...) is then never
-    stored: each consumer - above all the transposes the backward inserts for weight gradients -
-    re-computes the whole chain (SNR-Aware's 6-layer transformer: its gradient took 1.2 s without
-    this, 0.55 s with it). A dot with an 8x8 identity is not fused and costs a memory pass.
-    Exact for finite values (x * 1 + 0 * y); an inf in a row of 8 turns that row into NaN.
-    """
-    if jax.default_backend() != "cpu" or x.size % 8:
-        return x
-    return _identity_dot(x, 8)
-
-
-def _identity_dot(x: jax.Array, k: int, gate: jax.Array | None = None) -> jax.Array:
-    """x @ (k x k identity * gate) over rows of k elements: x itself for finite values."""
-    eye = jnp.eye(k, dtype=x.dtype)
-    if gate is not None:
-        eye = eye * gate
-    y = jnp.dot(x.reshape(-1, k), eye, precision=jax.lax.Precision.HIGHEST)
-    return y.reshape(x.shape)
+    """``x`` unchanged. In CPU programs it is computed into a buffer of its own
+    (:func:`flaxrestore.xla_cpu.remat.materialize`: XLA:CPU otherwise re-computes a chain of
+    cheap residual adds in every consumer); elsewhere ``x`` itself."""
+    return lowering.per_platform(cpu=lambda: xla_remat.materialize(x), default=lambda: x)
 
 
 _REMAT = {"on": False}
@@ -690,51 +96,13 @@ def rematerialize(enabled: bool = True):
     recompute their activations there: less memory for about one more forward pass of compute.
     The trainer turns it on with the recipe field ``remat``. On CPU (measured): MPRNet's
     gradient at 2x128x128 needs 1.9 GB of XLA temporaries instead of 2.8 GB; Restormer's does
-    not drop, its peak lies inside the backward pass."""
+    not drop, its peak lies inside the backward pass. GPU/TPU programs use ``jax.checkpoint``."""
     previous = _REMAT["on"]
     _REMAT["on"] = bool(enabled)
     try:
         yield
     finally:
         _REMAT["on"] = previous
-
-
-def _distinct_copy(x: jax.Array, after: jax.Array) -> jax.Array:
-    """``x`` through a dot with a small identity (exact for finite values): a value XLA cannot
-    prove equal to ``x``, so a recomputation from it is not merged with the original. The
-    identity is scaled by ``1 + 0 * after[0]`` so that the copy, and what is computed from it,
-    cannot be scheduled before ``after`` exists (NaN in ``after`` gives NaN)."""
-    k = next(k for k in (8, 4, 2, 1) if x.size % k == 0)
-    gate = 1 + 0 * jax.lax.stop_gradient(after).reshape(-1)[0].astype(x.dtype)
-    return _identity_dot(x, k, gate)
-
-
-def _recompute_in_backward(fn):
-    """``fn(state, *args)`` saving only its arguments; the backward re-runs it (CPU form).
-
-    ``jax.checkpoint`` marks the recomputation with an optimization barrier, which XLA:CPU
-    removes, after which common-subexpression elimination merges the recomputation with the
-    forward and every activation stays alive again (measured: no memory saved). Here the
-    backward recomputes from a distinct copy of the array arguments, which nothing merges and
-    which waits for the incoming gradient.
-    """
-    @jax.custom_vjp
-    def run(state, *args):
-        return fn(state, *args)
-
-    def fwd(state, *args):
-        return fn(state, *args), (state, args)
-
-    def bwd(res, dy):
-        state, args = res
-        first = jax.tree.leaves(dy)[0]
-        args = tuple(_distinct_copy(a, first) if isinstance(a, jax.Array)
-                     and jnp.issubdtype(a.dtype, jnp.floating) else a for a in args)
-        _, vjp = jax.vjp(fn, state, *args)
-        return vjp(dy)
-
-    run.defvjp(fwd, bwd)
-    return run
 
 
 def checkpoint_call(module: nnx.Module, fn, *args):
@@ -748,9 +116,11 @@ def checkpoint_call(module: nnx.Module, fn, *args):
     def pure(state, *a):
         return fn(nnx.merge(graph, state), *a)
 
-    if jax.default_backend() == "cpu":
-        return _recompute_in_backward(pure)(state, *args)
-    return jax.checkpoint(pure)(state, *args)
+    # XLA:CPU strips jax.checkpoint's barrier and merges the recomputation away: CPU programs
+    # recompute from a copy it cannot merge (flaxrestore.xla_cpu.remat.recompute_in_backward)
+    return lowering.per_platform(
+        cpu=lambda: xla_remat.recompute_in_backward(pure)(state, *args),
+        default=lambda: jax.checkpoint(pure)(state, *args))
 
 
 def matmul_channels(x, kernel2d):
@@ -758,10 +128,6 @@ def matmul_channels(x, kernel2d):
     contracts several leading axes (the kernel gradient of a 4-D x) about 3x slower."""
     lead = x.shape[:-1]
     return (x.reshape(-1, x.shape[-1]) @ kernel2d).reshape(*lead, kernel2d.shape[-1])
-
-
-# Conv2d.concat_call sums per-piece convs on CPU below this many output channels
-CONCAT_SPLIT_MAX_OUT = 128
 
 
 class Conv2d(nnx.Module):
@@ -789,59 +155,109 @@ class Conv2d(nnx.Module):
         self.bias = nnx.Param(init(rngs.params(), (out_channels,))) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = self._conv(x, self.kernel[...].astype(x.dtype))
+        return lowering.per_platform(cpu=lambda: self.apply(x, cpu=True),
+                                     default=lambda: self.apply(x, cpu=False))
+
+    def apply(self, x: jax.Array, *, cpu: bool) -> jax.Array:
+        """The conv with its bias, by the library conv or (``cpu``) its XLA:CPU lowering, without
+        asking the seam (for code that is itself one side of a :func:`lowering.per_platform`)."""
+        y = self._conv(x, self.kernel[...].astype(x.dtype), cpu=cpu)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
 
     def concat_call(self, xs: Sequence[jax.Array]) -> jax.Array:
-        """``self(jnp.concatenate(xs, axis=-1))``; on CPU, for narrow outputs, without forming it.
-
-        On CPU, when the conv has fewer than :data:`CONCAT_SPLIT_MAX_OUT` output channels, the
-        conv of each piece with its slice of the kernel's input channels is summed instead (equal
-        up to float summation order). XLA:CPU's conv (YNNPACK) is inefficient with narrow outputs
-        and narrow inputs alike but much less so with narrow inputs: SNR-Aware's HRconv at
-        4x128x128, 128 -> 64 channels, took 130 ms as one conv and 2 x 47 ms as two 64 -> 64
-        convs. With 128 or more outputs the single conv wins: SNR-Aware's upconv2 at 4x64x64,
-        128 -> 256, took 65 ms against 2 x 57 ms for the pieces, its input gradient (256 -> 128)
-        60 ms against 2 x 63 ms (training step: x0.93 with upconv1/upconv2 concatenated).
-        Elsewhere, and for grouped convs, the concatenation is formed as usual.
-        """
+        """``self(jnp.concatenate(xs, axis=-1))``. In CPU programs, for fewer than
+        ``xla_cpu.convs.CONCAT_SPLIT_MAX_OUT`` outputs, the conv of each piece with its slice of
+        the kernel's input channels is summed instead of forming the concatenation (equal up to
+        float summation order; see :func:`flaxrestore.xla_cpu.convs.concat_split_applies`)."""
         xs = list(xs)
         sizes = [int(x.shape[-1]) for x in xs]
         if sum(sizes) != self.in_channels:
             raise ValueError(f"concat_call: pieces with {sizes} channels (sum {sum(sizes)}) for a "
                              f"conv with {self.in_channels} input channels")
-        if (len(xs) == 1 or self.groups != 1 or self.out_channels >= CONCAT_SPLIT_MAX_OUT
-                or jax.default_backend() != "cpu"):
-            return self(jnp.concatenate(xs, axis=-1))
         dtype = jnp.result_type(*xs)
         kernel = self.kernel[...].astype(dtype)
-        y, start = None, 0
-        for x, c in zip(xs, sizes):
-            part = self._conv(x.astype(dtype), kernel[:, :, start:start + c, :])
-            y = part if y is None else y + part
-            start += c
+
+        def split():
+            y, start = None, 0
+            for x, c in zip(xs, sizes):
+                part = self._conv(x.astype(dtype), kernel[:, :, start:start + c, :], cpu=True)
+                y = part if y is None else y + part
+                start += c
+            return y
+
+        def whole(cpu: bool):
+            return self._conv(jnp.concatenate(xs, axis=-1).astype(dtype), kernel, cpu=cpu)
+
+        cpu = (split if xla_convs.concat_split_applies(len(xs), self.groups, self.out_channels)
+               else lambda: whole(True))
+        y = lowering.per_platform(cpu=cpu, default=lambda: whole(False))
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
 
-    def _conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
-        """The conv without bias, on the backend's fastest lowering."""
+    def _conv(self, x: jax.Array, kernel: jax.Array, cpu: bool) -> jax.Array:
+        """The conv without bias: the library conv, or with ``cpu`` its XLA:CPU lowering
+        (:mod:`flaxrestore.xla_cpu`: depthwise and few-channel grouped convs as shifted
+        multiply-adds, dense convs with Winograd / narrow-output forms and matmul gradients)."""
         ph, pw = self.padding
-        depthwise = self.groups == self.in_channels == self.out_channels and self.groups > 1
         if self.padding_mode != "zeros" and (ph or pw):
             x = pad2d(x, (ph, ph, pw, pw), self.padding_mode)
             ph = pw = 0
         if self.kernel_size == (1, 1) and self.stride == (1, 1) and self.groups == 1 and not (ph or pw):
-            y = matmul_channels(x, kernel[0, 0])  # a 1x1 conv is a matmul over channels
-        elif depthwise and self.stride == (1, 1) and _use_shifted_depthwise():
-            y = depthwise_conv2d(x, kernel, (ph, pw), self.dilation)
-        elif _use_cpu_conv_grads():
-            y = conv2d_cpu(x, kernel, self.stride, (ph, pw), self.dilation, self.groups)
-        else:
-            y = _conv_lib(x, kernel, self.stride, (ph, pw), self.dilation, self.groups)
+            return matmul_channels(x, kernel[0, 0])  # a 1x1 conv is a matmul over channels
+        if not cpu:
+            return jax.lax.conv_general_dilated(
+                x, kernel, window_strides=self.stride, padding=((ph, ph), (pw, pw)),
+                rhs_dilation=self.dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=self.groups)
+        depthwise = self.groups == self.in_channels == self.out_channels and self.groups > 1
+        if depthwise and self.stride == (1, 1):
+            return xla_depthwise.depthwise_conv2d(x, kernel, (ph, pw), self.dilation)
+        if xla_depthwise.grouped_shifted_applies(kernel.shape, self.groups, self.stride):
+            return xla_depthwise.grouped_conv_shifted(x, kernel, self.groups, (ph, pw),
+                                                      self.dilation)
+        return xla_convs.conv2d(x, kernel, self.stride, (ph, pw), self.dilation, self.groups)
+
+
+def depthwise_branch_sum(x: jax.Array, branches: Sequence[Conv2d],
+                         pre: Sequence[Conv2d] = ()) -> jax.Array:
+    """``sum(conv(y) for conv in branches)`` where ``y`` is ``x`` through the convs of ``pre`` in
+    order: parallel depthwise convs (DarkIR's dilated 3x3 branches) on one input.
+
+    In CPU programs, when every branch is a stride-1 depthwise 3x3 with padding = dilation, the
+    branches are shifted multiply-adds on ONE copy of ``y`` padded by the largest dilation, and a
+    ``pre`` of a 1x1 conv then a 3x3 conv in groups of 2 is computed straight into that padded
+    copy (:mod:`flaxrestore.xla_cpu.depthwise`)."""
+    branches, pre = list(branches), list(pre)
+
+    def chain(cpu: bool):
+        y = x
+        for conv in pre:
+            y = conv.apply(y, cpu=cpu)
         return y
+
+    def default():
+        y = chain(False)
+        return sum(conv.apply(y, cpu=False) for conv in branches)
+
+    def cpu():
+        channels = pre[-1].out_channels if pre else x.shape[-1]
+        pad = xla_depthwise.branch_pad(branches, channels)
+        if pad is None:
+            y = chain(True)
+            return sum(conv.apply(y, cpu=True) for conv in branches)
+        if len(pre) >= 2 and xla_depthwise.pointwise_grouped_applies(pre[-2], pre[-1]):
+            y = x
+            for conv in pre[:-2]:
+                y = conv.apply(y, cpu=True)
+            yp = xla_depthwise.pointwise_grouped_padded(y, pre[-2], pre[-1], pad)
+        else:
+            yp = pad2d(chain(True), pad)
+        return xla_depthwise.dilated_branch_sum(yp, pad, branches)
+
+    return lowering.per_platform(cpu=cpu, default=default)
 
 
 class ChannelLayerNorm(nnx.Module):
@@ -1008,31 +424,16 @@ class ConvTranspose2d(nnx.Module):
         pads = tuple((d * (k - 1) - p, d * (k - 1) - p + op) for k, p, op, d in
                      zip(self.kernel_size, self.padding, self.output_padding, self.dilation))
         kernel = self.kernel[...].astype(x.dtype)
-        if jax.default_backend() == "cpu":
-            # XLA:CPU's kernel gradient of an lhs-dilated conv took 40-50 s at 4x60x60x256
-            y = conv_transpose_cpu(x, kernel, self.stride, pads, self.dilation)
-        else:
-            y = _conv_transpose_lib(x, kernel, self.stride, pads, self.dilation)
+        # in CPU programs with a kernel gradient from matmuls (XLA:CPU's kernel gradient of an
+        # lhs-dilated conv took 40-50 s at 4x60x60x256)
+        y = lowering.per_platform(
+            cpu=lambda: xla_convs.conv_transpose(x, kernel, self.stride, pads, self.dilation),
+            default=lambda: jax.lax.conv_general_dilated(
+                x, kernel, window_strides=(1, 1), padding=pads, lhs_dilation=self.stride,
+                rhs_dilation=self.dilation, dimension_numbers=("NHWC", "HWIO", "NHWC")))
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         return y
-
-
-@jax.custom_vjp
-def _sample_native(x: jax.Array, py: jax.Array, px: jax.Array) -> jax.Array:
-    """:func:`_bilinear_gather_zero` by the native kernels (x NHWC float32, py/px (N, P))."""
-    return native.bilinear_sample(x, py, px)
-
-
-def _sample_native_fwd(x, py, px):
-    return native.bilinear_sample(x, py, px), (x, py, px)
-
-
-def _sample_native_bwd(res, g):
-    return native.bilinear_sample_grad(*res, g)
-
-
-_sample_native.defvjp(_sample_native_fwd, _sample_native_bwd)
 
 
 def _bilinear_gather_zero(x: jax.Array, py: jax.Array, px: jax.Array) -> jax.Array:
@@ -1041,11 +442,16 @@ def _bilinear_gather_zero(x: jax.Array, py: jax.Array, px: jax.Array) -> jax.Arr
     DCNv2's rule: a point is zero when py <= -1, px <= -1, py >= H or px >= W; otherwise each of
     its four neighbours that falls outside the image contributes zero (not clamped).
     """
+    if xla_sampling.applies(x, py, px):
+        # in CPU programs by a native kernel (XLA:CPU's gathers and scatter: AECR-Net's
+        # 64x64x256 deformable conv spent 134 ms per call in them)
+        return lowering.per_platform(cpu=lambda: xla_sampling.bilinear_sample_zero(x, py, px),
+                                     default=lambda: _bilinear_gather_zero_xla(x, py, px))
+    return _bilinear_gather_zero_xla(x, py, px)
+
+
+def _bilinear_gather_zero_xla(x: jax.Array, py: jax.Array, px: jax.Array) -> jax.Array:
     n, h, w, c = x.shape
-    if _native_float32(x, py, px):
-        # XLA:CPU: four element-wise gathers, and a scatter for the gradient (AECR-Net's
-        # 64x64x256 deformable conv: 134 ms per call)
-        return _sample_native(x, py.reshape(n, -1), px.reshape(n, -1)).reshape(*py.shape, c)
     flat = x.reshape(n, h * w, c)
     inside = (py > -1) & (px > -1) & (py < h) & (px < w)
     y0 = jnp.floor(py)
@@ -1274,111 +680,23 @@ class FastDeconv(nnx.Module):
         return y + b
 
 
-# --------------------------------------------------------------------------------------------
-# CPU-specific lowerings used by some models (separately named; Conv2d itself is unchanged).
-
-
-def _conv2d_valid_fwd_impl(x, kernel, stride, dilation):
-    if _narrow_out_applies(kernel.shape, stride, 1):
-        return conv_narrow_out(x, kernel, ((0, 0), (0, 0)), dilation)
-    sh, sw = stride
-    dh, dw = dilation
-    kw = kernel.shape[1]
-    y = jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(sh, sw), padding=((0, 0), (0, sw)), rhs_dilation=(dh, dw),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    wo = (x.shape[2] - dw * (kw - 1) - 1) // sw + 1
-    return y[:, :, :wo, :]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv2d_valid_cpu(x, kernel, stride, dilation):
-    return _conv2d_valid_fwd_impl(x, kernel, stride, dilation)
-
-
-def _conv2d_valid_cpu_fwd(x, kernel, stride, dilation):
-    return _conv2d_valid_fwd_impl(x, kernel, stride, dilation), (x, kernel)
-
-
-def _conv2d_valid_cpu_bwd(stride, dilation, res, dy):
-    x, kernel = res
-    dx = _conv_input_grad(x, kernel, dy, stride, ((0, 0), (0, 0)), dilation, 1,
-                          lambda x, k: _conv2d_valid_fwd_impl(x, k, stride, dilation))
-    dk = conv_kernel_grad(x, dy, kernel.shape, stride, (0, 0), dilation)
-    return dx, dk.astype(kernel.dtype)
-
-
-_conv2d_valid_cpu.defvjp(_conv2d_valid_cpu_fwd, _conv2d_valid_cpu_bwd)
-
-
 def conv2d_valid(x: jax.Array, kernel: jax.Array, stride=1, dilation=1) -> jax.Array:
-    """An unpadded ('VALID') NHWC/HWIO conv, groups=1, no bias.
-
-    On CPU it is computed with one zero column appended on the right and that extra output
-    column cropped: the numbers are the same (the column only feeds the cropped output), but
-    XLA:CPU runs a zero-padding conv on a much faster path than a padding-free one for some
-    shapes (measured on the 2-core machine: 7x7 64->3 on 262x262, 1.0 s unpadded vs 0.05 s);
-    its kernel gradient comes from matmuls (:func:`conv_kernel_grad`). Elsewhere
-    the plain library conv.
-    """
+    """An unpadded ('VALID') NHWC/HWIO conv, groups=1, no bias (AECR-Net's reflect-padded convs
+    after their explicit pad). In CPU programs :func:`flaxrestore.xla_cpu.convs.conv2d_valid`."""
     stride, dilation = _pair(stride), _pair(dilation)
-    if jax.default_backend() == "cpu":
-        return _conv2d_valid_cpu(x, kernel, stride, dilation)
-    return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=stride, padding=((0, 0), (0, 0)), rhs_dilation=dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return lowering.per_platform(
+        cpu=lambda: xla_convs.conv2d_valid(x, kernel, stride, dilation),
+        default=lambda: jax.lax.conv_general_dilated(
+            x, kernel, window_strides=stride, padding=((0, 0), (0, 0)), rhs_dilation=dilation,
+            dimension_numbers=("NHWC", "HWIO", "NHWC")))
 
 
-def _conv_transpose_lib(x, kernel, stride, pads, dilation):
-    return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(1, 1), padding=pads, lhs_dilation=stride,
-        rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv_transpose_cpu(x, kernel, stride, pads, dilation):
-    """:class:`ConvTranspose2d`'s lhs-dilated conv (no bias) with a kernel gradient from one
-    matmul per tap over the non-zero positions of the dilated input only (XLA:CPU's own kernel
-    gradient of an lhs-dilated conv was about 1000x slower than the forward). The input
-    gradient is the library's (a strided conv)."""
-    return _conv_transpose_lib(x, kernel, stride, pads, dilation)
-
-
-def _conv_transpose_cpu_fwd(x, kernel, stride, pads, dilation):
-    return _conv_transpose_lib(x, kernel, stride, pads, dilation), (x, kernel)
-
-
-def _conv_transpose_cpu_bwd(stride, pads, dilation, res, dy):
-    x, kernel = res
-    _, vjp_x = jax.vjp(lambda x: _conv_transpose_lib(x, kernel, stride, pads, dilation), x)
-    (dx,) = vjp_x(dy)
-    kh, kw, cin, cout = kernel.shape
-    n, h, w, _ = x.shape
-    ho, wo = dy.shape[1:3]
-
-    def axis_range(i, d, lo, s, size, out):
-        # input rows a whose dilated position lo + s*a is read by tap i at output row
-        # y = lo + s*a - i*d, 0 <= y < out
-        a0 = max(0, -((lo - i * d) // s))  # ceil((i*d - lo) / s)
-        a1 = min(size - 1, (out - 1 + i * d - lo) // s)
-        return a0, a1, lo + s * a0 - i * d
-
-    taps = []
-    for i in range(kh):
-        a0, a1, y0 = axis_range(i, dilation[0], pads[0][0], stride[0], h, ho)
-        for j in range(kw):
-            b0, b1, x0 = axis_range(j, dilation[1], pads[1][0], stride[1], w, wo)
-            if a1 < a0 or b1 < b0:
-                taps.append(jnp.zeros((cin, cout), kernel.dtype))
-                continue
-            na, nb = a1 - a0 + 1, b1 - b0 + 1
-            xs = x[:, a0:a1 + 1, b0:b1 + 1, :].reshape(-1, cin)
-            gs = jax.lax.slice(dy, (0, y0, x0, 0),
-                               (n, y0 + stride[0] * (na - 1) + 1, x0 + stride[1] * (nb - 1) + 1,
-                                cout), (1, stride[0], stride[1], 1)).reshape(-1, cout)
-            taps.append(xs.T @ gs)
-    dk = jnp.stack(taps).reshape(kernel.shape)
-    return dx, dk.astype(kernel.dtype)
-
-
-conv_transpose_cpu.defvjp(_conv_transpose_cpu_fwd, _conv_transpose_cpu_bwd)
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """torch MaxPool2d(kernel_size=2, stride=2), floor mode (an odd last row/column dropped), on
+    NHWC: ``reduce_window``; in CPU programs a max over a (2, 2) reshape with its own gradient
+    (:func:`flaxrestore.xla_cpu.pooling.max_pool_2x2`; the whole gradient of a window goes to
+    its first maximum, as in torch)."""
+    return lowering.per_platform(
+        cpu=lambda: xla_pooling.max_pool_2x2(x),
+        default=lambda: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1),
+                                              (1, 2, 2, 1), "VALID"))

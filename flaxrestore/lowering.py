@@ -94,3 +94,17 @@ def describe(platform: str | None = None) -> str:
     if platform == "cpu":
         return "XLA:CPU lowerings (flaxrestore.xla_cpu)"
     return f"accelerator path on {platform}"
+
+
+def compiler_options(platform: str | None = None) -> dict[str, str] | None:
+    """XLA compile options for jitted model calls on ``platform`` (default: jax's default
+    backend), for ``jax.jit(..., compiler_options=...)``: on the CPU
+    :func:`flaxrestore.xla_cpu.tuning.compiler_options` (XNNPACK convolutions), elsewhere None
+    (XLA's defaults). They choose libraries inside XLA:CPU, not the program, so accelerator mode
+    keeps them."""
+    platform = platform or jax.default_backend()
+    if platform != "cpu":
+        return None
+    from flaxrestore.xla_cpu import tuning
+
+    return tuning.compiler_options("cpu")

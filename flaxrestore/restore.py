@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flaxrestore import layers, models
+from flaxrestore import layers, lowering, models
 
 # --------------------------------------------------------------------------------- protocols
 
@@ -171,7 +171,7 @@ def _window_1d(start: int, length: int, size: int, overlap: int) -> np.ndarray:
 def forward_jit():
     """``_forward`` jitted (graphdef, select and dtype static), built on first use: its compile
     options depend on the backend, which must not start at import."""
-    return jax.jit(_forward, static_argnums=(0, 1, 2), compiler_options=layers.compiler_options())
+    return jax.jit(_forward, static_argnums=(0, 1, 2), compiler_options=lowering.compiler_options())
 
 
 def _forward(graphdef, select: Callable, dtype: str, state, *inputs):

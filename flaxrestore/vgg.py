@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flaxrestore.layers import Conv2d, Sequential
+from flaxrestore.layers import Conv2d, Sequential, max_pool_2x2
 
 # torchvision's configuration "E": channel counts, "M" = max-pool
 _CFG_E = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
@@ -49,56 +49,6 @@ LAYER_INDEX = {n: i for i, n in enumerate(LAYER_NAMES)}
 
 # The five ReLU outputs that SNR-Aware and DarkIR compare (torchvision slices [0:2], [2:7], ...).
 RELU_X_1 = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
-
-
-def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """torch MaxPool2d(kernel_size=2, stride=2), floor mode, on NHWC.
-
-    On CPU as a max over a (2, 2) reshape with its own gradient (:func:`_max_pool_2x2_cpu`):
-    XLA:CPU's select-and-scatter gradient of ``reduce_window`` was 8x slower (4x240x240x64,
-    forward + gradient: 97 ms against 12 ms; torch 59 ms). Elsewhere ``reduce_window``.
-    """
-    if jax.default_backend() == "cpu":
-        return _max_pool_2x2_cpu(x)
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
-
-
-def _windows_2x2(x: jax.Array) -> jax.Array:
-    """(N, H//2, 2, W//2, 2, C): the 2x2 windows of NHWC x (an odd last row/column dropped)."""
-    n, h, w, c = x.shape
-    return x[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
-
-
-@jax.custom_vjp
-def _max_pool_2x2_cpu(x: jax.Array) -> jax.Array:
-    return _windows_2x2(x).max(axis=(2, 4))
-
-
-def _max_pool_2x2_cpu_fwd(x):
-    y = _max_pool_2x2_cpu(x)
-    return y, (x, y)
-
-
-def _max_pool_2x2_cpu_bwd(res, g):
-    """The whole gradient goes to the FIRST maximum of each window in row-major order (torch's
-    max_pool2d backward and XLA's select-and-scatter do the same), nothing to dropped rows."""
-    x, y = res
-    n, h, w, c = x.shape
-    win = _windows_2x2(x)
-    taken = jnp.zeros(y.shape, bool)
-    rows = []
-    for i in range(2):
-        cols = []
-        for j in range(2):
-            first = (win[:, :, i, :, j] == y) & ~taken if (i, j) != (1, 1) else ~taken
-            taken = taken | first
-            cols.append(jnp.where(first, g, jnp.zeros((), g.dtype)))
-        rows.append(jnp.stack(cols, axis=3))
-    dx = jnp.stack(rows, axis=2).reshape(n, h // 2 * 2, w // 2 * 2, c)
-    return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
-
-
-_max_pool_2x2_cpu.defvjp(_max_pool_2x2_cpu_fwd, _max_pool_2x2_cpu_bwd)
 
 
 def layer_index(layer: int | str) -> int:

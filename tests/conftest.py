@@ -10,3 +10,9 @@ try:  # under `pytest -n 2` each worker has one core; torch's extra threads only
     torch.set_num_threads(1)
 except ImportError:
     pass
+
+# what `python -m train` and the benchmarks opt into before jax starts (the memory-saving XLA:CPU
+# scheduler, glibc malloc keeping freed memory): the tests run the trainer's code in-process
+from flaxrestore.xla_cpu import tuning as _tuning  # noqa: E402
+
+_tuning.tune_cpu_process()

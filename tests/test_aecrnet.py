@@ -743,7 +743,7 @@ def test_training_step_parity():
 
 def test_compiled_port_matches_torch():
     """verify.compare(jit=True): the network (train mode, as built) compiled as the trainer
-    compiles it (layers.compiler_options: on CPU XNNPACK convolutions), outputs and every
+    compiles it (lowering.compiler_options: on CPU XNNPACK convolutions), outputs and every
     gradient against torch autograd."""
     report = verify.compare(NAME, batch=1, grads=True, jit=True, seed=4, **SMALL)
     assert report.grads and report.worst() <= 1e-4, report.format()

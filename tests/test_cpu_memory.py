@@ -1,4 +1,4 @@
-"""layers.retain_freed_cpu_memory: a compiled call's temporaries stop page-faulting in again.
+"""tuning.retain_freed_cpu_memory: a compiled call's temporaries stop page-faulting in again.
 
 Each case runs in a fresh interpreter: the setting is process-wide and must precede jax's
 backend start."""
@@ -14,8 +14,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SCRIPT = textwrap.dedent("""
     import resource, sys
-    from flaxrestore import layers
-    applied = layers.retain_freed_cpu_memory()
+    from flaxrestore.xla_cpu import tuning
+    applied = tuning.retain_freed_cpu_memory()
     import jax, jax.numpy as jnp
 
     @jax.jit
@@ -62,8 +62,8 @@ def test_retained_memory_stops_page_faults():
 
 def test_not_applied_for_other_platforms():
     env = dict(os.environ, JAX_PLATFORMS="tpu")
-    out = subprocess.run([sys.executable, "-c", "from flaxrestore import layers; "
-                          "print(layers.retain_freed_cpu_memory())"],
+    out = subprocess.run([sys.executable, "-c", "from flaxrestore.xla_cpu import tuning; "
+                          "print(tuning.retain_freed_cpu_memory())"],
                          cwd=REPO, env=env, text=True, capture_output=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == "False"

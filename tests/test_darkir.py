@@ -9,8 +9,9 @@ import torch
 from flax import nnx
 
 import porting
-from flaxrestore import models
+from flaxrestore import layers, models
 from flaxrestore.models import darkir as D
+from flaxrestore.xla_cpu import depthwise as xla_depthwise
 from porting import checkpoint, convert, reference
 from porting.reference import darkir as TD
 
@@ -115,7 +116,7 @@ BLOCKS = {  # name -> (torch block, flax block) constructors for c channels
     "DBlock-no-extra-dw": (lambda c: TD.DBlock(c, dilations=[1, 2]),
                            lambda c, r: D.DBlock(c, dilations=(1, 2), rngs=r)),
     "grouped-conv": (lambda c: torch.nn.Conv2d(c, c, 3, padding=1, groups=c // 2),
-                     lambda c, r: D.GroupedConv2d(c, c, 3, padding=1, groups=c // 2, rngs=r)),
+                     lambda c, r: layers.Conv2d(c, c, 3, padding=1, groups=c // 2, rngs=r)),
 }
 
 
@@ -191,7 +192,8 @@ def test_grouped_conv_shifted_configs(cin, cout, groups, pad, dil):
 
     @jax.jit
     def fwd_grad(k, x):
-        f = lambda k, x: D.grouped_conv_shifted(x, k, groups, (pad, pad), (dil, dil))  # noqa: E731
+        f = lambda k, x: xla_depthwise.grouped_conv_shifted(  # noqa: E731
+            x, k, groups, (pad, pad), (dil, dil))
         return f(k, x), jax.grad(lambda k, x: jnp.sum(f(k, x) * w), argnums=(0, 1))(k, x)
 
     y, (gk, gx) = fwd_grad(kernel, jnp.asarray(x))

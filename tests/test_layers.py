@@ -7,7 +7,9 @@ from flax import nnx
 
 import jax
 import jax.numpy as jnp
-from flaxrestore import layers, native
+from flaxrestore import layers, lowering
+from flaxrestore.xla_cpu import convs as xla_convs
+from flaxrestore.xla_cpu import native, tuning
 
 
 def _nchw(a):
@@ -16,7 +18,7 @@ def _nchw(a):
 
 @pytest.mark.parametrize("kernel_size,stride,sizes,cout", [
     (3, 1, (5, 3), 7), (3, 2, (4, 4, 2), 7), (1, 1, (6, 2), 7),
-    (3, 1, (5, 3), layers.CONCAT_SPLIT_MAX_OUT)])  # the last: the concatenating path on CPU
+    (3, 1, (5, 3), xla_convs.CONCAT_SPLIT_MAX_OUT)])  # the last: the concatenating path on CPU
 def test_conv_concat_call_matches_torch_cat_conv(kernel_size, stride, sizes, cout):
     """concat_call([a, b, ...]) is torch's conv(cat([a, b, ...], 1)): output and gradients."""
     rng = np.random.default_rng(0)
@@ -73,7 +75,7 @@ def _torch_conv_reference(conv, x, dy, stride, pad, dil=1):
 
 def _conv_output_and_grads(conv, x, rng, options):
     """Conv2d's output on x and, for a random upstream gradient dy drawn from rng, the gradients
-    of the state and of x; eagerly or compiled with layers.compiler_options() (the trainer's).
+    of the state and of x; eagerly or compiled with lowering.compiler_options() (the trainer's).
     Returns (y, state gradient, x gradient, dy)."""
     graphdef, state = nnx.split(conv)
 
@@ -83,8 +85,8 @@ def _conv_output_and_grads(conv, x, rng, options):
     dy = rng.standard_normal(apply(state, jnp.asarray(x)).shape).astype(np.float32)
     fwd, grad = apply, jax.grad(lambda st, x: jnp.sum(apply(st, x) * dy), (0, 1))
     if options == "compiled":
-        fwd = jax.jit(apply, compiler_options=layers.compiler_options())
-        grad = jax.jit(grad, compiler_options=layers.compiler_options())
+        fwd = jax.jit(apply, compiler_options=lowering.compiler_options())
+        grad = jax.jit(grad, compiler_options=lowering.compiler_options())
     y = fwd(state, jnp.asarray(x))
     g_state, g_x = grad(state, jnp.asarray(x))
     return y, g_state, g_x, dy
@@ -103,8 +105,8 @@ def _conv_output_and_grads(conv, x, rng, options):
 @pytest.mark.parametrize("options", ["eager", "compiled"])
 def test_conv_gradients_match_torch(cin, cout, k, stride, pad, dil, hw, options):
     """Conv2d's CPU backward (input gradient + the kernel gradient as matmuls, every path of
-    layers.conv_kernel_grad) against torch autograd; eagerly (XLA's default libraries) and
-    compiled with layers.compiler_options() as the trainer compiles (on CPU: XNNPACK convs)."""
+    xla_convs.conv_kernel_grad) against torch autograd; eagerly (XLA's default libraries) and
+    compiled with lowering.compiler_options() as the trainer compiles (on CPU: XNNPACK convs)."""
     rng = np.random.default_rng(1)
     conv = layers.Conv2d(cin, cout, k, stride, pad, dil, rngs=nnx.Rngs(0))
     x = rng.standard_normal((2, *hw, cin)).astype(np.float32)
@@ -112,7 +114,7 @@ def test_conv_gradients_match_torch(cin, cout, k, stride, pad, dil, hw, options)
     graphdef, state = nnx.split(conv)
     grad = jax.grad(lambda st, x: jnp.sum(nnx.merge(graphdef, st)(x) * dy), (0, 1))
     if options == "compiled":
-        grad = jax.jit(grad, compiler_options=layers.compiler_options())
+        grad = jax.jit(grad, compiler_options=lowering.compiler_options())
     g_state, g_x = grad(state, jnp.asarray(x))
 
     _, t_kernel, t_x = _torch_conv_reference(conv, x, dy, stride, pad, dil)
@@ -133,7 +135,7 @@ def test_winograd_conv3x3_matches_torch(monkeypatch, pad, hw, cin, cout, native_
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, *hw, cin)).astype(np.float32)
     k = rng.standard_normal((3, 3, cin, cout)).astype(np.float32)
-    fn = jax.jit(lambda x, k: layers.winograd_conv3x3(x, k, (pad, pad)))
+    fn = jax.jit(lambda x, k: xla_convs.winograd_conv3x3(x, k, (pad, pad)))
     native_used = "flaxrestore_winograd_output" in fn.lower(jnp.asarray(x), jnp.asarray(k)).as_text()
     assert native_used == (native_setting == "1" and native.available())
     y = fn(jnp.asarray(x), jnp.asarray(k))
@@ -143,7 +145,7 @@ def test_winograd_conv3x3_matches_torch(monkeypatch, pad, hw, cin, cout, native_
     np.testing.assert_allclose(np.asarray(y), ty.numpy().transpose(0, 2, 3, 1),
                                rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="3x3"):
-        layers.winograd_conv3x3(jnp.asarray(x), jnp.zeros((5, 5, 5, 7)), (pad, pad))
+        xla_convs.winograd_conv3x3(jnp.asarray(x), jnp.zeros((5, 5, 5, 7)), (pad, pad))
 
 
 @pytest.mark.parametrize("cin,cout,pad,hw", [
@@ -158,7 +160,7 @@ def test_winograd_conv_and_gradients_match_torch(monkeypatch, cin, cout, pad, hw
     """Conv2d on CPU with >= WINOGRAD_MIN_CHANNELS channels against torch: the forward (by
     Winograd) and, when differentiated, the gradients (forward and input gradient by Winograd
     with the native transforms, by the library conv with FLAXRESTORE_NATIVE=0)."""
-    assert min(cin, cout) >= layers.WINOGRAD_MIN_CHANNELS
+    assert min(cin, cout) >= xla_convs.WINOGRAD_MIN_CHANNELS
     monkeypatch.setenv("FLAXRESTORE_NATIVE", native_setting)
     rng = np.random.default_rng(5)
     conv = layers.Conv2d(cin, cout, 3, 1, pad, rngs=nnx.Rngs(0))
@@ -177,9 +179,9 @@ def test_winograd_where_it_applies(monkeypatch):
     """Which CPU convs take the Winograd path: 3x3, stride 1, undilated, ungrouped, padding <= 2,
     >= WINOGRAD_MIN_CHANNELS on both sides, not turned off; and that it really replaces the
     library conv in a compiled forward, but not in a differentiated one."""
-    monkeypatch.delenv(layers.WINOGRAD_ENV, raising=False)
-    n = layers.WINOGRAD_MIN_CHANNELS
-    applies = layers._winograd_applies
+    monkeypatch.delenv(xla_convs.WINOGRAD_ENV, raising=False)
+    n = xla_convs.WINOGRAD_MIN_CHANNELS
+    applies = xla_convs._winograd_applies
     assert applies((3, 3, n, n), (1, 1), (1, 1), (1, 1), 1)
     assert not applies((3, 3, n - 1, 2 * n), (1, 1), (1, 1), (1, 1), 1)
     assert not applies((3, 3, 2 * n, n - 1), (1, 1), (1, 1), (1, 1), 1)
@@ -189,7 +191,7 @@ def test_winograd_where_it_applies(monkeypatch):
     assert not applies((3, 3, n, n), (1, 1), (1, 1), (1, 1), 2)
     assert not applies((3, 3, n, n), (1, 1), (3, 3), (1, 1), 1)
     # narrower convs on large images only
-    m, big = layers.WINOGRAD_LARGE_MIN_CHANNELS, layers.WINOGRAD_LARGE_PIXELS
+    m, big = xla_convs.WINOGRAD_LARGE_MIN_CHANNELS, xla_convs.WINOGRAD_LARGE_PIXELS
     assert applies((3, 3, m, m), (1, 1), (1, 1), (1, 1), 1, big)
     assert not applies((3, 3, m, m), (1, 1), (1, 1), (1, 1), 1, big - 1)
     assert not applies((3, 3, m - 1, n), (1, 1), (1, 1), (1, 1), 1, big)
@@ -217,7 +219,7 @@ def test_winograd_where_it_applies(monkeypatch):
     y = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x)).lower(
         jax.tree.map(lambda a: a.astype(jnp.bfloat16), state), x.astype(jnp.bfloat16))
     assert y.compile().as_text().count(" convolution(") == 1
-    monkeypatch.setenv(layers.WINOGRAD_ENV, "0")
+    monkeypatch.setenv(xla_convs.WINOGRAD_ENV, "0")
     assert not applies((3, 3, n, n), (1, 1), (1, 1), (1, 1), 1)
     assert convs_in(grad=False) == 1 and convs_in(grad=True) == 2
 
@@ -237,7 +239,7 @@ def test_narrow_conv_and_gradients_match_torch(monkeypatch, cin, cout, k, pad, d
     """Conv2d with <= NARROW_OUT_MAX output (or input) channels on CPU - one matmul to every
     tap's channels, then a shifted sum - against torch: output, kernel and input gradients,
     with the native windows and with XLA's (FLAXRESTORE_NATIVE=0)."""
-    assert min(cin, cout) <= layers.NARROW_OUT_MAX
+    assert min(cin, cout) <= xla_convs.NARROW_OUT_MAX
     monkeypatch.setenv("FLAXRESTORE_NATIVE", native_setting)
     rng = np.random.default_rng(6)
     conv = layers.Conv2d(cin, cout, k, 1, pad, dil, rngs=nnx.Rngs(0))
@@ -256,7 +258,7 @@ def test_narrow_valid_conv_matches_torch(cin, cout, dil):
     rng = np.random.default_rng(7)
     x = rng.standard_normal((2, 15, 14, cin)).astype(np.float32)
     k = (0.2 * rng.standard_normal((7, 7, cin, cout))).astype(np.float32)
-    opts = layers.compiler_options()
+    opts = lowering.compiler_options()
     y = jax.jit(lambda x, k: layers.conv2d_valid(x, k, 1, dil), compiler_options=opts)(
         jnp.asarray(x), jnp.asarray(k))
     dy = rng.standard_normal(y.shape).astype(np.float32)
@@ -279,8 +281,8 @@ def test_narrow_conv_where_it_applies():
     """Which convs take the narrow path (stride 1, ungrouped, kernel > 1x1, <= NARROW_OUT_MAX
     outputs), that it replaces the library conv in the compiled program (forward, and the input
     gradients of narrow-input and narrow-output convs), and that bfloat16 keeps its dtype and stays close."""
-    n = layers.NARROW_OUT_MAX
-    applies = layers._narrow_out_applies
+    n = xla_convs.NARROW_OUT_MAX
+    applies = xla_convs._narrow_out_applies
     assert applies((3, 3, 64, n), (1, 1), 1) and applies((7, 7, 64, 1), (1, 1), 1)
     assert not applies((3, 3, 64, n + 1), (1, 1), 1)
     assert not applies((3, 3, 64, 3), (2, 2), 1)
@@ -309,30 +311,30 @@ def test_narrow_conv_where_it_applies():
     rng = np.random.default_rng(8)
     x = rng.standard_normal((1, 9, 9, 32)).astype(np.float32)
     k = (0.2 * rng.standard_normal((3, 3, 32, 3))).astype(np.float32)
-    yb = layers.conv2d_cpu(jnp.asarray(x, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16), (1, 1),
+    yb = xla_convs.conv2d(jnp.asarray(x, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16), (1, 1),
                            (1, 1))
     assert yb.dtype == jnp.bfloat16
-    y32 = layers.conv2d_cpu(jnp.asarray(x), jnp.asarray(k), (1, 1), (1, 1))
+    y32 = xla_convs.conv2d(jnp.asarray(x), jnp.asarray(k), (1, 1), (1, 1))
     np.testing.assert_allclose(np.asarray(yb, np.float32), np.asarray(y32), rtol=0.02, atol=0.05)
     with pytest.raises(ValueError, match="16 channels, the kernel 32"):
-        layers.conv_narrow_out(jnp.zeros((1, 5, 5, 16)), jnp.asarray(k), ((1, 1), (1, 1)))
+        xla_convs.conv_narrow_out(jnp.zeros((1, 5, 5, 16)), jnp.asarray(k), ((1, 1), (1, 1)))
 
 
 @pytest.mark.parametrize("cin,cout,k,stride,pad,out_pad", [
     (6, 4, 3, 2, 1, 1), (4, 8, 4, 2, 1, 0), (5, 3, 3, 1, 1, 0)])
 def test_conv_transpose_compiled_matches_torch(cin, cout, k, stride, pad, out_pad):
-    """ConvTranspose2d output and gradients, compiled with layers.compiler_options(), against
+    """ConvTranspose2d output and gradients, compiled with lowering.compiler_options(), against
     torch's conv_transpose2d."""
     rng = np.random.default_rng(3)
     conv = layers.ConvTranspose2d(cin, cout, k, stride, pad, out_pad, rngs=nnx.Rngs(0))
     x = rng.standard_normal((2, 7, 9, cin)).astype(np.float32)
     graphdef, state = nnx.split(conv)
     fwd = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x),
-                  compiler_options=layers.compiler_options())
+                  compiler_options=lowering.compiler_options())
     y = fwd(state, jnp.asarray(x))
     dy = rng.standard_normal(y.shape).astype(np.float32)
     grad = jax.jit(jax.grad(lambda st, x: jnp.sum(nnx.merge(graphdef, st)(x) * dy), (0, 1)),
-                   compiler_options=layers.compiler_options())
+                   compiler_options=lowering.compiler_options())
     g_state, g_x = grad(state, jnp.asarray(x))
 
     # the Flax kernel is torch's weight flipped in H and W, laid out (kh, kw, in, out)
@@ -390,23 +392,23 @@ def test_cpu_compiler_options_move_convs_off_ynnpack_only():
 
     lowered = jax.jit(f).lower(x, k, m)
     assert _library_calls(lowered.compile().as_text()) == {"convolution": "ynn", "dot": "ynn"}
-    options = layers.compiler_options()
-    assert options == layers.CPU_COMPILER_OPTIONS
+    options = lowering.compiler_options()
+    assert options == tuning.CPU_COMPILER_OPTIONS
     assert _library_calls(lowered.compile(options).as_text()) == {"convolution": "plain",
                                                                    "dot": "ynn"}
 
 
 def test_compiler_options_where_they_apply(monkeypatch):
-    monkeypatch.delenv(layers.CPU_COMPILER_OPTIONS_ENV, raising=False)
+    monkeypatch.delenv(tuning.CPU_COMPILER_OPTIONS_ENV, raising=False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
-    assert layers.compiler_options("cpu") == layers.CPU_COMPILER_OPTIONS
-    assert layers.compiler_options("gpu") is None and layers.compiler_options("tpu") is None
-    monkeypatch.setenv(layers.CPU_COMPILER_OPTIONS_ENV, "0")
-    assert layers.compiler_options("cpu") is None
-    monkeypatch.delenv(layers.CPU_COMPILER_OPTIONS_ENV)
+    assert lowering.compiler_options("cpu") == tuning.CPU_COMPILER_OPTIONS
+    assert lowering.compiler_options("gpu") is None and lowering.compiler_options("tpu") is None
+    monkeypatch.setenv(tuning.CPU_COMPILER_OPTIONS_ENV, "0")
+    assert lowering.compiler_options("cpu") is None
+    monkeypatch.delenv(tuning.CPU_COMPILER_OPTIONS_ENV)
     # a user's own setting of either flag wins over ours
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
-    assert layers.compiler_options("cpu") is None
+    assert lowering.compiler_options("cpu") is None
 
 
 def test_conv_kernel_grad_paths_agree_with_taps():
@@ -416,8 +418,8 @@ def test_conv_kernel_grad_paths_agree_with_taps():
         x = jnp.asarray(rng.standard_normal((2, 13, 12, cin)), jnp.float32)
         dy = jnp.asarray(rng.standard_normal((2, 13, 12, cout)), jnp.float32)
         shape = (3, 3, cin, cout)
-        a = layers.conv_kernel_grad(x, dy, shape, padding=(1, 1))
-        b = layers.conv_kernel_grad_taps(x, dy, shape, padding=(1, 1))
+        a = xla_convs.conv_kernel_grad(x, dy, shape, padding=(1, 1))
+        b = xla_convs.conv_kernel_grad_taps(x, dy, shape, padding=(1, 1))
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-4)
 
 
@@ -434,13 +436,13 @@ def test_conv_kernel_grad_row_blocks_agree_with_taps(monkeypatch, cin, cout, pad
     ho, wo = 11 + 2 * pad - 2 * dil, 9 + 2 * pad - 2 * dil
     dy = jnp.asarray(rng.standard_normal((2, ho, wo, cout)), jnp.float32)
     shape = (3, 3, cin, cout)
-    b = layers.conv_kernel_grad_taps(x, dy, shape, padding=(pad, pad), dilation=(dil, dil))
-    one = layers.conv_kernel_grad(x, dy, shape, padding=(pad, pad), dilation=(dil, dil))
-    monkeypatch.setattr(layers, "_IM2COL_MAX_BYTES", 2 * 9 * 2 * 3 * 9 * min(cin, cout) * 4)
-    hlo = jax.jit(lambda x, dy: layers.conv_kernel_grad(
+    b = xla_convs.conv_kernel_grad_taps(x, dy, shape, padding=(pad, pad), dilation=(dil, dil))
+    one = xla_convs.conv_kernel_grad(x, dy, shape, padding=(pad, pad), dilation=(dil, dil))
+    monkeypatch.setattr(xla_convs, "_IM2COL_MAX_BYTES", 2 * 9 * 2 * 3 * 9 * min(cin, cout) * 4)
+    hlo = jax.jit(lambda x, dy: xla_convs.conv_kernel_grad(
         x, dy, shape, padding=(pad, pad), dilation=(dil, dil))).lower(x, dy).as_text()
     assert hlo.count("dot_general") >= 3  # several row blocks, one matmul each
-    blocked = layers.conv_kernel_grad(x, dy, shape, padding=(pad, pad), dilation=(dil, dil))
+    blocked = xla_convs.conv_kernel_grad(x, dy, shape, padding=(pad, pad), dilation=(dil, dil))
     np.testing.assert_allclose(np.asarray(one), np.asarray(b), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(b), rtol=1e-5, atol=1e-4)
 

@@ -13,7 +13,9 @@ from flax import nnx
 
 import jax
 import jax.numpy as jnp
-from flaxrestore import layers, native
+from flaxrestore import layers, lowering
+from flaxrestore.xla_cpu import convs as xla_convs
+from flaxrestore.xla_cpu import native
 
 needs_native = pytest.mark.skipif(native._compiler() is None or jax.default_backend() != "cpu",
                                   reason="no C++ compiler on this machine (or not on CPU)")
@@ -107,7 +109,7 @@ def test_native_depthwise_rejects_bad_input():
 def _depthwise_conv_grads(conv, x, dy):
     graphdef, state = nnx.split(conv)
     grad = jax.jit(jax.grad(lambda st, x: jnp.sum(nnx.merge(graphdef, st)(x) * dy), (0, 1)),
-                   compiler_options=layers.compiler_options())
+                   compiler_options=lowering.compiler_options())
     g_state, g_x = grad(state, jnp.asarray(x))
     return np.asarray(g_state["kernel"][...]), np.asarray(g_x), grad
 
@@ -184,17 +186,17 @@ def test_native_windows_reject_bad_input():
 @needs_native
 @pytest.mark.parametrize("cin,cout", [(16, 3), (3, 16), (8, 8)])
 def test_conv_kernel_grad_native_and_jax_windows_agree(monkeypatch, cin, cout):
-    """layers.conv_kernel_grad with the native windows and with XLA's concatenated slices
+    """xla_convs.conv_kernel_grad with the native windows and with XLA's concatenated slices
     (FLAXRESTORE_NATIVE=0): both equal the per-tap matmuls, and only the first calls the
     kernel."""
     rng = np.random.default_rng(6)
     x = jnp.asarray(rng.standard_normal((2, 13, 12, cin)), jnp.float32)
     dy = jnp.asarray(rng.standard_normal((2, 13, 12, cout)), jnp.float32)
     shape = (3, 3, cin, cout)
-    want = layers.conv_kernel_grad_taps(x, dy, shape, padding=(1, 1))
+    want = xla_convs.conv_kernel_grad_taps(x, dy, shape, padding=(1, 1))
     for setting in ("1", "0"):
         monkeypatch.setenv(native.NATIVE_ENV, setting)
-        fn = jax.jit(lambda x, dy: layers.conv_kernel_grad(x, dy, shape, padding=(1, 1)))
+        fn = jax.jit(lambda x, dy: xla_convs.conv_kernel_grad(x, dy, shape, padding=(1, 1)))
         np.testing.assert_allclose(np.asarray(fn(x, dy)), np.asarray(want), rtol=1e-5, atol=1e-4)
         uses = "flaxrestore_windows" in fn.lower(x, dy).as_text()
         assert uses == (setting == "1")
@@ -269,7 +271,9 @@ _FALLBACK_CHECK = """
     import warnings
     import numpy as np, jax, jax.numpy as jnp
     from flax import nnx
-    from flaxrestore import layers, native
+    from flaxrestore import layers, lowering
+from flaxrestore.xla_cpu import convs as xla_convs
+from flaxrestore.xla_cpu import native
     conv = layers.Conv2d(6, 6, 3, padding=1, groups=6, rngs=nnx.Rngs(0))
     x = np.random.default_rng(0).standard_normal((1, 7, 8, 6)).astype(np.float32)
     graphdef, state = nnx.split(conv)
@@ -363,7 +367,7 @@ def test_native_winograd_transforms_match_numpy(shape, pad):
     ho, wo = h + 2 * ph - 2, w + 2 * pw - 2
     th, tw = -(-ho // 2), -(-wo // 2)
     x = rng.standard_normal(shape).astype(np.float32)
-    bt, at = np.asarray(layers._WINO_BT, np.float64), np.asarray(layers._WINO_AT, np.float64)
+    bt, at = np.asarray(xla_convs._WINO_BT, np.float64), np.asarray(xla_convs._WINO_AT, np.float64)
     xp = np.zeros((n, 2 * th + 2, 2 * tw + 2, c))
     xp[:, ph:ph + h, pw:pw + w] = x[:, :2 * th + 2 - ph, :2 * tw + 2 - pw]
     want_v = np.zeros((16, n * th * tw, c))

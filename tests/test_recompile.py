@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flaxrestore import layers, models
+from flaxrestore import lowering, models
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 
@@ -55,8 +55,8 @@ def test_forward_does_not_recompile(name):
     graph, state = nnx.split(module)
     traces = [0]
 
-    # compiled as the trainer, benchmarks and restore compile (layers.compiler_options)
-    @functools.partial(jax.jit, compiler_options=layers.compiler_options())
+    # compiled as the trainer, benchmarks and restore compile (lowering.compiler_options)
+    @functools.partial(jax.jit, compiler_options=lowering.compiler_options())
     def forward(state, *xs):
         traces[0] += 1  # runs only while tracing
         return nnx.merge(graph, state)(*xs)

@@ -212,7 +212,7 @@ def test_forward_quarter_size_not_multiple_of_4():
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_gradients_reduced_width(jit):
-    """Op by op, and compiled as the trainer compiles (layers.compiler_options)."""
+    """Op by op, and compiled as the trainer compiles (lowering.compiler_options)."""
     torch.manual_seed(5)
     ref = _perturb(reference.build(NAME, **SMALL), seed=5)
     module = porting.torch_to_flax(NAME, ref.state_dict(), **SMALL)

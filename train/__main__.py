@@ -76,6 +76,10 @@ def main(argv=None) -> int:
     if not args.config:
         _parser().error("--config is required")
 
+    # process-wide XLA:CPU settings (memory-saving scheduler, glibc malloc), before jax starts
+    from flaxrestore.xla_cpu import tuning
+
+    tuning.tune_cpu_process()
     import jax
 
     if args.distributed:

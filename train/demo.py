@@ -89,6 +89,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch export and check")
     args = p.parse_args(argv)
 
+    from flaxrestore.xla_cpu import tuning
+
+    tuning.tune_cpu_process()  # as `python -m train` does, before jax starts
     from train import loop, recipe as recipe_lib
 
     overrides = [f"total_steps={args.steps}"] if args.steps else []

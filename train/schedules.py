@@ -188,21 +188,22 @@ def learning_rate(cfg: OptimizerConfig) -> Schedule:
 
 
 def global_norm(tree) -> jax.Array:
-    """The L2 norm of all leaves together (``optax.global_norm``).
+    """The L2 norm of all leaves together (``optax.global_norm``); in CPU programs over one flat
+    vector of every leaf (:func:`flaxrestore.xla_cpu.norms.global_norm`: XLA:CPU's scheduler
+    otherwise keeps activation cotangents alive longer)."""
+    from flaxrestore import lowering
+    from flaxrestore.xla_cpu import norms
 
-    On CPU it is taken over one flat vector of every leaf: with one reduction per leaf,
-    XLA:CPU's memory scheduler kept activation cotangents alive far longer (MPRNet's training
-    step at 256x256 x1: 8.2 GB of XLA temporaries instead of 5.7 GB; the flat vector costs one
-    copy of the gradients). Elsewhere optax's per-leaf form.
-    """
-    if jax.default_backend() != "cpu":
-        return optax.global_norm(tree)
+    return lowering.per_platform(cpu=lambda: norms.global_norm(tree),
+                                 default=lambda: _optax_global_norm(tree))
+
+
+def _optax_global_norm(tree) -> jax.Array:
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros((), jnp.float32)
-    dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)  # float64 stays float64
-    flat = jnp.concatenate([jnp.ravel(g).astype(dtype) for g in leaves])
-    return jnp.sqrt(jnp.vdot(flat, flat))
+    dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+    return optax.global_norm(jax.tree.map(lambda g: g.astype(dtype), tree))
 
 
 def clip_grad_norm_torch(max_norm: float) -> optax.GradientTransformation:

@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from flaxrestore import layers as flayers
+from flaxrestore import lowering
 from flaxrestore import losses as flosses
 from flaxrestore import models
 from train import schedules
@@ -38,12 +39,6 @@ from train.recipe import LossTerm, MixupConfig, Recipe
 
 DATA_AXIS = "data"
 
-# XLA:CPU's default scheduler plans several times more memory for a training step (see
-# flaxrestore.layers.prefer_memory_saving_cpu_scheduler); effective if jax has not started yet.
-flayers.prefer_memory_saving_cpu_scheduler()
-# XLA:CPU's per-step temporaries otherwise come from fresh pages every step (page faults: 0.3-0.4 s
-# of SNR-Aware's 2 s step on 2 cores); see flaxrestore.layers.retain_freed_cpu_memory
-flayers.retain_freed_cpu_memory()
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,7 +388,7 @@ def make_train_step(recipe: Recipe, model: ModelDef, tx: optax.GradientTransform
     rep = replicated(mesh)
     return jax.jit(step, in_shardings=(rep, batch_sharding(mesh), rep),
                    out_shardings=(rep, rep), donate_argnums=(0,),
-                   compiler_options=flayers.compiler_options(_platform(mesh)))
+                   compiler_options=lowering.compiler_options(_platform(mesh)))
 
 
 def make_eval_fn(recipe: Recipe, model: ModelDef, mesh) -> Callable:
@@ -413,7 +408,7 @@ def make_eval_fn(recipe: Recipe, model: ModelDef, mesh) -> Callable:
 
     rep = replicated(mesh)
     return jax.jit(fn, in_shardings=(rep, rep, batch_sharding(mesh)), out_shardings=rep,
-                   compiler_options=flayers.compiler_options(_platform(mesh)))
+                   compiler_options=lowering.compiler_options(_platform(mesh)))
 
 
 def _platform(mesh) -> str:

@@ -13,7 +13,6 @@ average pools see the padded map, so this padding is part of the function).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -59,92 +58,6 @@ def _pixel_shuffle_2(x):
     return layers.pixel_shuffle(x, 2)
 
 
-def _grouped_taps(xp, kernel, groups: int, dilation: tuple[int, int]):
-    """Valid stride-1 grouped conv of an already padded NHWC ``xp`` as shifted multiply-adds.
-
-    ``kernel`` is HWIO (kh, kw, cin_g, out): kernel[i, j, k, g*cout_g + o] weighs input channel
-    g*cin_g + k into output channel g*cout_g + o.
-    """
-    kh, kw, cin_g, cout = kernel.shape
-    cout_g = cout // groups
-    dh, dw = dilation
-    b = xp.shape[0]
-    ho, wo = xp.shape[1] - dh * (kh - 1), xp.shape[2] - dw * (kw - 1)
-    kg = kernel.reshape(kh, kw, cin_g, groups, cout_g)
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = xp[:, i * dh:i * dh + ho, j * dw:j * dw + wo, :].reshape(b, ho, wo, groups, cin_g)
-            for k in range(cin_g):
-                t = tap[..., k:k + 1] * kg[i, j, k]  # (b, ho, wo, groups, cout_g)
-                out = t if out is None else out + t
-    return out.reshape(b, ho, wo, cout)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def grouped_conv_shifted(x, kernel, groups: int, padding: tuple[int, int],
-                         dilation: tuple[int, int]):
-    """Stride-1 zero-padded grouped conv (no bias), NHWC / HWIO, as shifted multiply-adds.
-
-    The backward differentiates an equivalent channel-expanded depthwise form
-    (:func:`_grouped_expanded`): on CPU it compiled in half the time (1.8 s vs 3.6 s) and ran
-    2-3x faster at 256x256 than autodiff of this forward (measured on a loaded 2-core machine).
-    """
-    ph, pw = padding
-    return _grouped_taps(layers.pad2d(x, (ph, ph, pw, pw)), kernel, groups, dilation)
-
-
-def _grouped_fwd(x, kernel, groups, padding, dilation):
-    return grouped_conv_shifted(x, kernel, groups, padding, dilation), (x, kernel)
-
-
-def _grouped_expanded(x, kernel, groups, padding, dilation):
-    """The same conv as one depthwise conv over cin_g channel-expanded copies of x: copy k holds,
-    at output channel g*cout_g + o, input channel g*cin_g + k. Slower forward than
-    :func:`_grouped_taps`, but its autodiff keeps every array channel-minor and full width."""
-    kh, kw, cin_g, cout = kernel.shape
-    b, h, w, _ = x.shape
-    xg = x.reshape(b, h, w, groups, cin_g)
-    xs = jnp.concatenate([jnp.repeat(xg[..., k], cout // groups, axis=-1) for k in range(cin_g)],
-                         axis=-1)
-    ks = kernel.reshape(kh, kw, 1, cin_g * cout)  # copy k, channel c -> k * cout + c
-    ph, pw = padding
-    y = layers.depthwise_conv_shifted(layers.pad2d(xs, (ph, ph, pw, pw)), ks, dilation)
-    return sum(y[..., k * cout:(k + 1) * cout] for k in range(cin_g))
-
-
-def _grouped_bwd(groups, padding, dilation, res, dy):
-    x, kernel = res
-    _, vjp = jax.vjp(lambda x, k: _grouped_expanded(x, k, groups, padding, dilation), x, kernel)
-    return vjp(dy)
-
-
-grouped_conv_shifted.defvjp(_grouped_fwd, _grouped_bwd)
-
-
-class GroupedConv2d(Conv2d):
-    """A 3x3 stride-1 grouped conv with few channels per group (DBlock's ``extra_conv``).
-
-    Same variables, init and numbers as :class:`layers.Conv2d`. On CPU it runs as
-    :func:`grouped_conv_shifted` (XLA:CPU lowers feature_group_count convs slowly, see DESIGN.md:
-    at 256x256 with 64 channels in groups of 2 the library conv took 0.64 s forward and 124 s for
-    the gradient, this one about 0.1 s and 2 s, on the shared 2-core machine under load);
-    elsewhere it is the library conv.
-    """
-
-    def __call__(self, x):
-        cin_g = self.in_channels // self.groups
-        cout_g = self.out_channels // self.groups
-        if (not layers._use_shifted_depthwise() or self.stride != (1, 1) or self.groups == 1
-                or self.padding_mode != "zeros" or max(cin_g, cout_g) > 4):
-            return super().__call__(x)
-        y = grouped_conv_shifted(x, self.kernel[...].astype(x.dtype), self.groups, self.padding,
-                                 self.dilation)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
-        return y
-
-
 class FreMLP(nnx.Module):
     """Frequency MLP: a per-bin 1x1 MLP on the magnitudes of rfft2, the phase kept.
 
@@ -171,87 +84,6 @@ class FreMLP(nnx.Module):
         mag = self.process1(mag)
         z = jax.lax.complex(mag * cos, mag * sin)
         return jnp.fft.irfft2(z, s=(h, w), axes=(1, 2)).astype(x.dtype)
-
-
-def _branch_pad(branches, channels: int) -> int | None:
-    """The largest dilation when every branch is a stride-1 zero-padded depthwise 3x3 conv with
-    padding = dilation on ``channels`` channels and the shifted form is used (CPU), else None."""
-    convs = [b.branch.layers[0] for b in branches]
-    if not layers._use_shifted_depthwise() or not all(
-            cv.groups == cv.in_channels == cv.out_channels == channels
-            and cv.kernel_size == (3, 3) and cv.stride == (1, 1) and cv.padding == cv.dilation
-            and cv.dilation[0] == cv.dilation[1] and cv.padding_mode == "zeros" for cv in convs):
-        return None
-    return max(cv.dilation[0] for cv in convs)
-
-
-def _taps_sum(xp, kernels, offsets, pad: int, out_hw=None):
-    _, hp, wp, _ = xp.shape
-    h, w = out_hw or (hp - 2 * pad, wp - 2 * pad)
-    out = None
-    for k, (dy, dx) in zip(kernels, offsets):
-        t = xp[:, pad + dy:pad + dy + h, pad + dx:pad + dx + w, :] * k
-        out = t if out is None else out + t
-    return out
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def offset_taps(xp, kernels, offsets: tuple, pad: int):
-    """out[p] = sum_t xp[p + pad + offsets[t]] * kernels[t]: a depthwise conv with arbitrary tap
-    offsets (|offset| <= pad) on an input already padded by ``pad``; kernels (T, C).
-
-    Hand-written backward (autodiff padded every tap's cotangent to the full padded size and
-    materialised them all): d xp is the same tap sum of dy (padded by 2*pad) at the negated
-    offsets; d kernels[t] is the sum over batch and space of the shifted xp times dy.
-    """
-    return _taps_sum(xp, kernels, offsets, pad)
-
-
-def _offset_taps_fwd(xp, kernels, offsets, pad):
-    return _taps_sum(xp, kernels, offsets, pad), (xp, kernels)
-
-
-def _offset_taps_bwd(offsets, pad, res, g):
-    xp, kernels = res
-    neg = tuple((-dy, -dx) for dy, dx in offsets)
-    _, hp, wp, _ = xp.shape
-    dxp = _taps_sum(layers.pad2d(g, 2 * pad), kernels, neg, pad, (hp, wp))
-    h, w = hp - 2 * pad, wp - 2 * pad
-    dk = jnp.stack([jnp.sum(xp[:, pad + dy:pad + dy + h, pad + dx:pad + dx + w, :] * g,
-                            axis=(0, 1, 2)) for dy, dx in offsets])
-    return dxp.astype(xp.dtype), dk.astype(kernels.dtype)
-
-
-offset_taps.defvjp(_offset_taps_fwd, _offset_taps_bwd)
-
-
-def _dilated_taps(xp, pad: int, branches):
-    """sum(branch(x)) from ``xp`` = x zero-padded by ``pad`` on each side (see _branch_pad), as
-    shifted multiply-adds (:func:`offset_taps`); taps at the same offset (the centres) merged."""
-    taps = {}  # (dy, dx) -> summed (C,) weight
-    bias = None
-    for branch in branches:
-        cv = branch.branch.layers[0]
-        d = cv.dilation[0]
-        kernel = cv.kernel[...].astype(xp.dtype)
-        for i in range(3):
-            for j in range(3):
-                key = ((i - 1) * d, (j - 1) * d)
-                taps[key] = taps[key] + kernel[i, j, 0] if key in taps else kernel[i, j, 0]
-        if cv.bias is not None:
-            bb = cv.bias[...].astype(xp.dtype)
-            bias = bb if bias is None else bias + bb
-    out = offset_taps(xp, jnp.stack(list(taps.values())), tuple(taps), pad)
-    return out if bias is None else out + bias
-
-
-def _branch_sum(x, branches):
-    """sum(branch(x) for branch in branches); on CPU as shifted multiply-adds on ONE copy of x
-    padded by the largest dilation (written per branch, XLA:CPU padded x once per dilation)."""
-    pad = _branch_pad(branches, x.shape[-1])
-    if pad is None:
-        return sum(branch(x) for branch in branches)
-    return _dilated_taps(layers.pad2d(x, pad), pad, branches)
 
 
 class Branch(nnx.Module):
@@ -289,9 +121,12 @@ class EBlock(nnx.Module):
         self.norm2 = LayerNorm2d(c)
         self.freq = FreMLP(c, expand=2, rngs=rngs)
 
+    def _branch_convs(self):
+        return [branch.branch.layers[0] for branch in self.branches.layers]
+
     def __call__(self, inp):
         x = self.conv1(self.extra_conv(self.norm1(inp)))
-        z = _branch_sum(x, self.branches.layers)
+        z = layers.depthwise_branch_sum(x, self._branch_convs())  # sum of the dilated branches
         z = layers.simple_gate(z)
         x = self.conv3(self.sca(z) * z)
         y = inp + self.beta[...] * x
@@ -311,7 +146,7 @@ class DBlock(nnx.Module):
         self.beta = nnx.Param(jnp.zeros((1, 1, 1, c), jnp.float32))
         self.conv1 = Conv2d(c, dw, 1, rngs=rngs)
         # groups=c on 2c channels: each group maps 2 channels to 2 (not depthwise)
-        self.extra_conv = (GroupedConv2d(dw, dw, 3, padding=1, groups=c, rngs=rngs)
+        self.extra_conv = (Conv2d(dw, dw, 3, padding=1, groups=c, rngs=rngs)
                            if extra_depth_wise else _identity)
         self.branches = Sequential(*[Branch(dw, 1, d, rngs=rngs) for d in dilations])
         self.sca = Sequential(_global_avg_pool, Conv2d(dw // 2, dw // 2, 1, rngs=rngs))
@@ -321,53 +156,14 @@ class DBlock(nnx.Module):
         self.norm1 = LayerNorm2d(c)
         self.norm2 = LayerNorm2d(c)
 
-    def _spatial_cpu(self, t, pad: int):
-        """extra_conv(conv1(t)) zero-padded by ``pad`` on each side, on CPU, for DarkIR's
-        grouped ``extra_conv`` (3x3, stride 1, padding 1, 2 channels per group in and out), or
-        None where that layout does not apply.
-
-        Computed as one 1x1 conv to two channel-expanded copies (copy k, channel g*2+o =
-        conv1's channel g*2+k: conv1's weight columns gathered, exact), ONE depthwise 3x3 over
-        both copies on the input padded by 1 + ``pad``, the two halves summed, and the border
-        zeroed by a constant 0/1 mask. Two XLA:CPU problems of the direct form are avoided: it
-        slices a size-2 minor axis (groups x 2 channels), which is not vectorised; and the
-        dilated taps' centre slice of pad(x) simplifies to x, so XLA fused (recomputed) the
-        grouped conv into the tap sum (together 60% of DarkIR-m's forward). The mask keeps the
-        padded array a separate, materialised fusion.
-        """
-        ec = self.extra_conv
-        dw = self.conv1.out_channels
-        if (not isinstance(ec, GroupedConv2d) or ec.in_channels != dw or ec.out_channels != dw
-                or ec.groups * 2 != dw or ec.kernel_size != (3, 3) or ec.stride != (1, 1)
-                or ec.padding != (1, 1) or ec.dilation != (1, 1) or ec.padding_mode != "zeros"
-                or self.conv1.kernel_size != (1, 1) or self.conv1.padding != (0, 0)
-                or self.conv1.stride != (1, 1) or self.conv1.groups != 1):
-            return None
-        w1 = self.conv1.kernel[...].astype(t.dtype)[0, 0]  # (c, dw)
-        base = (np.arange(dw) // 2) * 2
-        cols = np.concatenate([base, base + 1])  # copy 0 then copy 1
-        xs = layers.matmul_channels(t, w1[:, cols])
-        if self.conv1.bias is not None:
-            xs = xs + self.conv1.bias[...].astype(t.dtype)[cols]
-        k = ec.kernel[...].astype(t.dtype)  # (3, 3, 2, dw): [i, j, k, g*2+o]
-        ks = jnp.concatenate([k[:, :, 0], k[:, :, 1]], axis=-1)[:, :, None, :]  # (3, 3, 1, 2dw)
-        y = layers.depthwise_conv2d(xs, ks, (1 + pad, 1 + pad))
-        y = y[..., :dw] + y[..., dw:]
-        if ec.bias is not None:
-            y = y + ec.bias[...].astype(t.dtype)
-        _, h, w, _ = t.shape
-        mask = np.zeros((1, h + 2 * pad, w + 2 * pad, 1), np.float32)
-        mask[:, pad:pad + h, pad:pad + w] = 1.0
-        return y * jnp.asarray(mask, t.dtype)
+    def _branch_convs(self):
+        return [branch.branch.layers[0] for branch in self.branches.layers]
 
     def __call__(self, inp):
         t = self.norm1(inp)
-        pad = _branch_pad(self.branches.layers, self.conv1.out_channels)
-        xp = self._spatial_cpu(t, pad) if pad is not None else None
-        if xp is not None:
-            z = _dilated_taps(xp, pad, self.branches.layers)
-        else:
-            z = _branch_sum(self.extra_conv(self.conv1(t)), self.branches.layers)
+        # conv1, extra_conv, then the sum of the dilated branches
+        pre = (self.conv1,) + ((self.extra_conv,) if isinstance(self.extra_conv, Conv2d) else ())
+        z = layers.depthwise_branch_sum(t, self._branch_convs(), pre=pre)
         z = layers.simple_gate(z)  # sg1
         x = self.conv3(self.sca(z) * z)
         y = inp + self.beta[...] * x
