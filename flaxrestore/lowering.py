@@ -23,9 +23,9 @@ The **accelerator mode** makes every platform, the CPU included, compile exactly
 would run, so the accelerator path can be tested for equivalence on a CPU machine:
 
 * ``FLAXRESTORE_LOWERING=accelerator`` in the environment, or
-* ``with flaxrestore.lowering.accelerator_path(): ...`` around the tracing (the ``jit`` call, not
-  the call of an already compiled function: like every trace-time switch it is not part of
-  jax's compilation cache key, so build a fresh ``jax.jit`` inside the context).
+* ``with flaxrestore.lowering.accelerator_path(): ...`` around the tracing. The mode is not part
+  of jax's cache keys, so entering and leaving the context clears jax's caches
+  (``jax.clear_caches()``): functions traced before are traced again inside it.
 
 The mode is read when a function is traced.
 """
@@ -65,11 +65,15 @@ def accelerator_path(enabled: bool = True):
     """While tracing inside this context, every platform (the CPU included) gets the lowering a
     TPU/GPU runs; ``enabled=False`` restores the per-platform choice inside it."""
     previous = getattr(_local, "mode", None)
+    # jax caches traced functions by identity, without this switch in the key: forget them on
+    # the way in and out so that a function traced in one mode is not reused in the other
+    jax.clear_caches()
     _local.mode = "accelerator" if enabled else "auto"
     try:
         yield
     finally:
         _local.mode = previous
+        jax.clear_caches()
 
 
 def per_platform(*, cpu: Callable[[], T], default: Callable[[], T]) -> T:

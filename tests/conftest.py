@@ -16,3 +16,28 @@ except ImportError:
 from flaxrestore.xla_cpu import tuning as _tuning  # noqa: E402
 
 _tuning.tune_cpu_process()
+
+
+# Tests marked `both_lowerings` run twice: as the process lowers for its CPU (the XLA:CPU
+# lowerings of flaxrestore.xla_cpu) and in accelerator mode (exactly what a TPU/GPU compiles:
+# library convs, feature_group_count depthwise convs, plain autodiff, jax.checkpoint).
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "both_lowerings: run in auto and in accelerator lowering "
+                                       "mode (flaxrestore.lowering)")
+
+
+def pytest_generate_tests(metafunc):
+    if metafunc.definition.get_closest_marker("both_lowerings"):
+        metafunc.fixturenames.append("lowering_mode")
+        metafunc.parametrize("lowering_mode", ["cpu-lowering", "accelerator-path"])
+
+
+@pytest.fixture
+def lowering_mode(request):
+    from flaxrestore import lowering
+
+    with lowering.accelerator_path(request.param == "accelerator-path"):
+        yield request.param

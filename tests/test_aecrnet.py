@@ -322,6 +322,7 @@ def test_deform_conv_matches_grid_sample():
 @pytest.mark.parametrize("cfg", [dict(kernel_size=3, stride=1, padding=1),
                                  dict(kernel_size=3, stride=2, padding=1, deformable_groups=2),
                                  dict(kernel_size=(3, 2), stride=1, padding=(1, 0))])
+@pytest.mark.both_lowerings
 def test_dcn_module_forward_and_gradients(cfg):
     torch.manual_seed(0)
     t = TA.DCN(8, 6, cfg["kernel_size"], cfg["stride"], cfg["padding"],
@@ -499,6 +500,7 @@ def _block_pairs():
 
 
 @pytest.mark.parametrize("block", list(_block_pairs()))
+@pytest.mark.both_lowerings
 def test_block_forward(block):
     torch.manual_seed(0)
     t, f = _block_pairs()[block]

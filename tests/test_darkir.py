@@ -138,6 +138,7 @@ def _block_pair(block: str, c: int, seed: int):
 
 @pytest.mark.parametrize("block,hw", [(b, (13, 19)) for b in BLOCKS]
                          + [("FreMLP", (16, 20)), ("FreMLP", (12, 17)), ("EBlock", (16, 20))])
+@pytest.mark.both_lowerings
 def test_block_forward(block, hw):
     """Blocks at odd (and for the FFT also even) sizes, <= 1e-5 max abs diff; the odd widths
     check irfft2's ``s`` and the Hermitian-redundant columns."""
@@ -152,6 +153,7 @@ def test_block_forward(block, hw):
 
 
 @pytest.mark.parametrize("block", ["FreMLP", "grouped-conv"])
+@pytest.mark.both_lowerings
 def test_block_gradients_under_jit(block):
     """Gradients w.r.t. input and every parameter through jax.jit(jax.grad): the FFT path and
     the grouped conv's hand-written backward. (Every other block's gradients are checked in the

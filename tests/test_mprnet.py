@@ -205,6 +205,7 @@ def _flat(out):
 
 
 @pytest.mark.parametrize("block", list(BLOCKS))
+@pytest.mark.both_lowerings
 def test_block_forward(block):
     torch.manual_seed(0)
     make_torch, make_flax, shapes = BLOCKS[block]

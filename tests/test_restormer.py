@@ -83,6 +83,7 @@ def _block_pairs():
 
 
 @pytest.mark.parametrize("block", list(_block_pairs()))
+@pytest.mark.both_lowerings
 def test_block_forward(block):
     torch.manual_seed(0)
     t, f = _block_pairs()[block]

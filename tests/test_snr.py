@@ -143,6 +143,7 @@ def test_patch_tokens_match_unfold_and_fold():
 
 
 @pytest.mark.parametrize("block", ["attention", "encoder_layer"])
+@pytest.mark.both_lowerings
 def test_attention_full_width_with_masks(block):
     """The attention layer (and a whole encoder layer) at the released width 1024, with a mask
     that excludes some keys of image 0 and every key of image 1."""

@@ -162,6 +162,7 @@ def test_vgg19_command_writes_weights_the_trainer_reads(tmp_path):
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 10, 5), (1, 7, 9, 3)])
+@pytest.mark.both_lowerings
 def test_max_pool_value_and_gradient_match_torch(shape):
     """The CPU max-pool (a reshape with its own gradient) against torch's MaxPool2d(2, 2):
     ties (ReLU zeros, repeated values) send the whole gradient to the first maximum of the
