@@ -1,4 +1,4 @@
-"""The native CPU kernels (flaxrestore.native): against torch, against the pure-JAX path they
+"""The native CPU kernels (flaxrestore.xla_cpu.native): against torch, against the pure-JAX path they
 replace, where they are used, and what happens when they cannot be built."""
 
 import os

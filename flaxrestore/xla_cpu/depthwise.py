@@ -45,7 +45,7 @@ def depthwise_conv2d(x, kernel, padding=(0, 0), dilation=(1, 1)):
     spatially flipped kernel; dkernel[i, j] is the sum over batch and space of the (i, j)-shifted
     padded x times dy. For float32, when :func:`flaxrestore.xla_cpu.native.available`, the three are
     native kernels (:func:`flaxrestore.xla_cpu.native.depthwise_conv`,
-    :func:`~flaxrestore.native.depthwise_kernel_grad`: one pass over memory each); otherwise
+    :func:`~flaxrestore.xla_cpu.native.depthwise_kernel_grad`: one pass over memory each); otherwise
     shifted multiply-adds and one reduction per tap.
     """
     ph, pw = padding

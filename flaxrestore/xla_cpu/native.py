@@ -1,6 +1,6 @@
 """Native CPU kernels for what XLA:CPU lowers poorly, called through the XLA FFI.
 
-The C++ source ships with the package (``flaxrestore/native/*.cc``) and is compiled on first use
+The C++ source ships with the package (``flaxrestore/xla_cpu/native/*.cc``) and is compiled on first use
 with the system C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``) against the XLA FFI
 headers that jaxlib installs; the library is cached under ``$FLAXRESTORE_CACHE_DIR`` (default
 ``~/.cache/flaxrestore``; the system's temporary directory if that cannot be written), keyed by
@@ -157,8 +157,11 @@ def available() -> bool:
     """True when the native kernels are built, loaded and registered with XLA (CPU only).
 
     Builds them on the first call of the process (a few seconds; then cached on disk). False
-    with ``FLAXRESTORE_NATIVE=0``, off the CPU backend, or when the build fails (a warning
-    gives the reason; :func:`load_error` returns it)."""
+    with ``FLAXRESTORE_NATIVE=0``, or when the build fails (a warning gives the reason;
+    :func:`load_error` returns it), or in a process whose default backend is not the CPU. This
+    is not the choice of lowering (that is :func:`flaxrestore.lowering.per_platform`, per compile
+    target): a TPU/GPU process traces the CPU side of every ``per_platform`` too, but never
+    compiles it for a CPU, so it builds no C++ library for it and traces the pure-JAX form."""
     if _turned_off() or jax.default_backend() != "cpu":
         return False
     with _lock:
