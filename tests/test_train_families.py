@@ -56,16 +56,9 @@ FAMILIES = {
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 # bfloat16 vs float32, same weights and batch. Bounds: loss within 1%, gradient cosine >= 0.99,
-# every tensor carrying >= 1% of the squared gradient norm within 10% in norm and cosine >= 0.98.
-# Known failures (xfail; the test says so when they are fixed):
-BF16_KNOWN = {
-    # FreMLP's rfft2 gets the bfloat16 activations (jnp.fft takes float32/64 only)
-    "darkir": ("RFFT input must be float32 or float64", "rfft of bfloat16"),
-    # bias gradients (the transpose of the bias broadcast) are summed in bfloat16 over all
-    # B x H x W positions: conv_last / HRconv biases come out ~0.25 of their float32 norm
-    "snr": ("", "bias gradients summed in bfloat16"),
-    "aecrnet": ("", "bias gradients summed in bfloat16"),  # up3's bias at 0.84 (16 x 16 crops)
-}
+# every tensor carrying >= 1% of the squared gradient norm within 10% in norm and cosine >= 0.98
+# (a bias gradient summed in bfloat16 over every pixel came out at 0.25 of its norm before
+# layers.add_bias; DarkIR's rfft refused bfloat16 before FreMLP upcast its input).
 
 
 @pytest.fixture(scope="module")
@@ -262,12 +255,7 @@ def test_family_step_matches_torch_and_bfloat16(family, vgg):
 
     # bfloat16: the same step computed in bfloat16
     recipe16 = dataclasses.replace(recipe, dtype="bfloat16")
-    try:
-        _, new16, metrics16, _, grads16 = run_step(recipe16, batch)
-    except ValueError as e:
-        if family in BF16_KNOWN and BF16_KNOWN[family][0] in str(e):
-            pytest.xfail(f"{family} in bfloat16: {e}")
-        raise
+    _, new16, metrics16, _, grads16 = run_step(recipe16, batch)
     for part in ("params", "opt_state", "model_state"):
         assert _floating_dtypes(new16[part]) <= {np.dtype(np.float32)}, part
     assert _floating_dtypes(loop.host_state(new16)) == {np.dtype(np.float32)}  # checkpointed
@@ -294,7 +282,4 @@ def test_family_step_matches_torch_and_bfloat16(family, vgg):
     if not (rel <= 1e-2 and cosine >= 0.99):
         problems.append(f"loss relative difference {rel:.2e}, gradient cosine {cosine:.5f}")
     assert rel > 0 and cosine < 1  # it did compute in bfloat16
-    if family in BF16_KNOWN:
-        assert problems, f"{family} in bfloat16 is fixed: take it out of BF16_KNOWN"
-        pytest.xfail(f"{family} in bfloat16: {BF16_KNOWN[family][1]}: {'; '.join(problems)}")
     assert not problems, problems

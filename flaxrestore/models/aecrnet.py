@@ -60,7 +60,7 @@ class ValidConv2d(Conv2d):
             return super().__call__(x)
         y = layers.conv2d_valid(x, self.kernel[...].astype(x.dtype), self.stride, self.dilation)
         if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
+            y = layers.add_bias(y, self.bias[...])
         return y
 
 

@@ -71,7 +71,8 @@ class FreMLP(nnx.Module):
 
     def __call__(self, x):
         _, h, w, _ = x.shape
-        z = jnp.fft.rfft2(x, axes=(1, 2))
+        # jnp.fft takes float32/64 only: a bfloat16 x is transformed (and its MLP run) in float32
+        z = jnp.fft.rfft2(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axes=(1, 2))
         re, im = jnp.real(z), jnp.imag(z)
         sq = re * re + im * im
         nonzero = sq > 0

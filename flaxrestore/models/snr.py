@@ -148,7 +148,7 @@ class Linear(nnx.Linear):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = layers.matmul_channels(x, self.kernel[...].astype(x.dtype))
         if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
+            y = layers.add_bias(y, self.bias[...])
         return y
 
 
