@@ -3,6 +3,9 @@ import os
 # Equivalence checks compare float32 numbers; keep XLA from using reduced-precision matmuls.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# the suite runs on the CPU; libtpu (the `tpu` extra, for test_plan's deviceless TPU compiles)
+# is then loaded only where a TPU topology is asked for
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 try:  # under `pytest -n 2` each worker has one core; torch's extra threads only spin
     import torch

@@ -5,6 +5,8 @@
     python -m train evaluate --config NAME --workdir DIR [--checkpoint best|latest|STEP]
     python -m train export --config NAME --workdir DIR --out MODEL_DIR [--checkpoint ...]
     python -m train show --config NAME [--set ...]                              # print the recipe
+    python -m train plan --config NAME --topology v5e:2x4 [--batch N] [--patch P] [--dtype ...]
+                                                    # compile for a TPU slice, no TPU needed
 
 Re-running a training command in the same workdir resumes it. Multi-host (TPU pods, several GPU
 hosts): pass ``--distributed`` (or set ``TRAIN_DISTRIBUTED=1``) on every host; it calls
@@ -27,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Train the published restoration recipes (JAX, data-parallel, resumable).",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("command", nargs="?", default="train",
-                   choices=("train", "evaluate", "export", "show", "list"),
+                   choices=("train", "evaluate", "export", "show", "list", "plan"),
                    help="what to do (default: train)")
     p.add_argument("--config", help="recipe name in train/configs (NAME or NAME:ARG) or a .py file")
     p.add_argument("--workdir", help="directory of checkpoints, logs and exports")
@@ -45,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", help="coordinator address host:port (multi-host)")
     p.add_argument("--num-processes", type=int, help="number of hosts (multi-host)")
     p.add_argument("--process-id", type=int, help="this host's index (multi-host)")
+    from train import plan
+
+    plan.add_arguments(p)
     return p
 
 
@@ -75,6 +80,10 @@ def main(argv=None) -> int:
         return 0
     if not args.config:
         _parser().error("--config is required")
+    if args.command == "plan":  # deviceless TPU compile: no CPU process tuning
+        from train import plan
+
+        return plan.run(args, args.overrides)
 
     # process-wide XLA:CPU settings (memory-saving scheduler, glibc malloc), before jax starts
     from flaxrestore.xla_cpu import tuning

@@ -88,7 +88,21 @@ def _cpu_options_accepted() -> bool:
 
 RETAIN_MEMORY_ENV = "FLAXRESTORE_RETAIN_CPU_MEMORY"
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
-                        "jax_rocm7_plugin", "libtpu")
+                        "jax_rocm7_plugin")
+# TPU chips show up as these device files on a TPU VM; libtpu alone (installed for the deviceless
+# compiles of `python -m train plan`) leaves jax on the CPU
+_TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
+
+
+def _accelerator_likely() -> bool:
+    """Whether jax, left to choose (no JAX_PLATFORMS), would probably start a GPU or TPU."""
+    import glob
+    import importlib.util
+
+    if any(importlib.util.find_spec(p) is not None for p in _ACCELERATOR_PLUGINS):
+        return True
+    return (importlib.util.find_spec("libtpu") is not None
+            and any(glob.glob(pattern) for pattern in _TPU_DEVICE_FILES))
 
 
 def retain_freed_cpu_memory() -> bool:
@@ -106,13 +120,12 @@ def retain_freed_cpu_memory() -> bool:
     2.4 -> 3.3 GB, then 0 faults).
 
     Applied only where it helps and is safe: glibc (Linux), the CPU backend (skipped when
-    ``JAX_PLATFORMS`` names another platform or a GPU/TPU plugin is installed, unless
-    ``JAX_PLATFORMS=cpu``), not disabled with ``FLAXRESTORE_RETAIN_CPU_MEMORY=0``. Call it before
+    ``JAX_PLATFORMS`` names another platform, or a GPU plugin is installed or libtpu with TPU
+    device files present, unless ``JAX_PLATFORMS=cpu``), not disabled with ``FLAXRESTORE_RETAIN_CPU_MEMORY=0``. Call it before
     jax starts its backend (threads that already allocated keep their arenas); the trainer's
     entry point (``python -m train``) and the benchmarks do, before anything else.
     """
     import ctypes
-    import importlib.util
     import os
 
     if turned_off(RETAIN_MEMORY_ENV):
@@ -120,8 +133,7 @@ def retain_freed_cpu_memory() -> bool:
     platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
     if platforms and platforms.split(",")[0] != "cpu":
         return False
-    if not platforms and any(importlib.util.find_spec(p) is not None
-                             for p in _ACCELERATOR_PLUGINS):
+    if not platforms and _accelerator_likely():
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
