@@ -531,6 +531,48 @@ def _compare_layers(t32: _Hooks, t64: _Hooks | None, t32b: list[_Hooks] | None,
 
 # ---- the comparison ----
 
+# compiled Flax programs, one per architecture (graph definition), kind and lowering: the
+# weights, inputs and loss weights are arguments, so verifying several files of one model in a
+# process (seeds, a bulk conversion) compiles once
+_PROGRAMS: dict = {}
+
+
+def _flax_program(graphdef, grads: bool, n_in: int, jit: bool):
+    """The Flax forward, ``f(params, rest, *inputs) -> outputs``, or with ``grads`` the outputs
+    and gradients of the scalar loss, ``f(loss_weights, params, rest, *inputs) -> ((d params,
+    d inputs...), outputs)``; jitted with :func:`flaxrestore.lowering.compiler_options` when
+    ``jit``, as the trainer and ``flaxrestore.restore`` compile."""
+    if not jit:
+        return _make_program(graphdef, grads, n_in)
+    options = lowering.compiler_options()
+    key = (graphdef, grads, n_in, lowering.mode(), jax.default_backend(),
+           tuple(sorted((options or {}).items())))
+    try:
+        hash(key)
+    except TypeError:  # an unhashable static attribute: compile for this call only
+        return jax.jit(_make_program(graphdef, grads, n_in), compiler_options=options)
+    if key not in _PROGRAMS:
+        _PROGRAMS[key] = jax.jit(_make_program(graphdef, grads, n_in), compiler_options=options)
+    return _PROGRAMS[key]
+
+
+def _make_program(graphdef, grads: bool, n_in: int):
+    # the rest of the state (AECR-Net's running statistics) is an argument, not a constant:
+    # a train-mode call updates it, which a jitted function may only do to its own inputs
+    if not grads:
+        return lambda p, r, *xs: _flat_flax_outputs(nnx.merge(graphdef, p, r)(*xs))
+
+    def grads_of(weights, p, r, *xs):  # nnx.grad: a train-mode call may update r's statistics
+        def loss_f(module, *xs):
+            outs = _flat_flax_outputs(module(*xs))
+            return sum(jnp.mean(o * w) for o, w in zip(outs, weights)), outs
+
+        argnums = (0,) + tuple(range(1, 1 + n_in))
+        return nnx.grad(loss_f, argnums=argnums, has_aux=True)(nnx.merge(graphdef, p, r), *xs)
+    return grads_of
+
+
+
 def compare(name: str, torch_module=None, flax_module=None, *, batch: int = 2,
             height: int | None = None, width: int | None = None, seed: int = 0,
             grads: bool = False, inputs: Sequence[np.ndarray] | None = None,
@@ -627,27 +669,11 @@ def compare(name: str, torch_module=None, flax_module=None, *, batch: int = 2,
         f_in = [jnp.asarray(a) for a in inputs]
         t0 = time.perf_counter()
         graphdef, f_params, f_rest = nnx.split(flax_module, nnx.Param, ...)
-        compile_options = lowering.compiler_options() if jit else None
-
-        def compiled(fn):
-            return jax.jit(fn, compiler_options=compile_options) if jit else fn
-
-        # the rest of the state (AECR-Net's running statistics) is an argument, not a constant:
-        # a train-mode call updates it, which a jitted function may only do to its own inputs
+        program = _flax_program(graphdef, grads, len(f_in), jit)
         if not grads:
-            forward = compiled(lambda p, r, *xs: _flat_flax_outputs(nnx.merge(graphdef, p, r)(*xs)))
-            f_outs = [np.asarray(o) for o in forward(f_params, f_rest, *f_in)]
+            f_outs = [np.asarray(o) for o in program(f_params, f_rest, *f_in)]
         else:  # the outputs come with the gradients: one program to compile, not two
-            def loss_f(module, *xs):
-                outs = _flat_flax_outputs(module(*xs))
-                return sum(jnp.mean(o * jnp.asarray(w)) for o, w in zip(outs, loss_weights)), outs
-
-            argnums = (0,) + tuple(range(1, 1 + len(f_in)))
-
-            def grads_of(p, r, *xs):  # nnx.grad: a train-mode call may update r's statistics
-                return nnx.grad(loss_f, argnums=argnums, has_aux=True)(nnx.merge(graphdef, p, r), *xs)
-
-            g, aux = compiled(grads_of)(f_params, f_rest, *f_in)
+            g, aux = program([jnp.asarray(w) for w in loss_weights], f_params, f_rest, *f_in)
             f_outs = [np.asarray(o) for o in aux]
         seconds["flax"] = time.perf_counter() - t0
         if len(f_outs) != len(t_outs):

@@ -48,28 +48,47 @@ def _release_file(path, name, seed):
 
 # ---- the yardstick, every family ----
 
-@pytest.mark.parametrize("name,seed", [("restormer:motion_deblurring", 0), ("mprnet:deblurring", 1),
-                                       ("darkir:m", 2), ("snr", 0), ("aecrnet", 1)])
-def test_grads_pass_the_yardstick(name, seed):
+SEEDS = (0, 1, 2)
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_release_files_pass_verify_grads(tmp_path, name):
+    """Release-layout files of every family, several seeds: `verify FILE --grads` passes.
+
+    Each file is read as the command line reads it (the release's top-level key, strict load
+    into the torch reference) and converted for the Flax side; for the first seed the command
+    itself also runs, against the converted directory. Compiled as the trainer compiles, one
+    program for outputs and gradients per family (verify caches it across files)."""
     h, w = SIZE[name]
-    # compiled as the trainer compiles: one program for outputs and gradients, about half the
-    # time of running the tiny networks op by op (the --against tests below run op by op)
-    report = verify.compare(name, _reference(name, seed), batch=1, height=h, width=w, seed=seed,
-                            grads=True, jit=True, model_overrides=TINY[name])
-    assert report.ok(), report.format() + "\n" + report.verdict()
-    n_params = len(dict(_reference(name, seed).named_parameters(remove_duplicate=False)))
-    assert len(report.grads) > 0.9 * n_params  # (a tiny DarkIR leaves a parameter unused)
-    for d in report.outputs + report.grads:
-        # the float64 run is float64: torch float32 is off, by float32 amounts, on the outputs
-        assert d.flax_err is not None and len(d.torch_errs) == 1 + verify.NUDGES
-    for d in report.outputs:
-        assert 0 < d.torch_rel < 1e-5 and d.flax_rel < 1e-5, report.format()
-    # what is judged is Flax against float64, within max(tol, k x torch's): not vacuous, the
-    # same numbers fail with no allowance
-    d = report.outputs[0]
-    assert d.error() == d.flax_rel != d.rel
-    assert d.bound(1e-4, 8.0) == max(1e-4, 8.0 * d.torch_rel)
-    assert not report.ok(tol=0.0, k=0.0)
+    for seed in SEEDS:
+        torch_file = _release_file(tmp_path / f"release{seed}.pth", name, seed)
+        state = porting.load_state_dict_file(torch_file)
+        torch_module = cli._torch_reference(name, state, TINY[name], str(torch_file))
+        report = verify.compare(name, torch_module, batch=1, height=h, width=w, seed=seed,
+                                grads=True, jit=True, model_overrides=TINY[name])
+        assert report.ok(), f"seed {seed}\n" + report.format() + "\n" + report.verdict()
+        n_params = len(dict(torch_module.named_parameters(remove_duplicate=False)))
+        assert len(report.grads) > 0.9 * n_params  # (a tiny DarkIR leaves a parameter unused)
+        for d in report.outputs + report.grads:
+            # the float64 run is float64: torch float32 is off, by float32 amounts
+            assert d.flax_err is not None and len(d.torch_errs) == 1 + verify.NUDGES
+        for d in report.outputs:
+            assert 0 < d.torch_rel < 1e-5 and d.flax_rel < 1e-5, report.format()
+        # what is judged is Flax against float64, within max(tol, k x torch's): not vacuous,
+        # the same numbers fail with no allowance
+        d = report.outputs[0]
+        assert d.error() == d.flax_rel != d.rel
+        assert d.bound(1e-4, 8.0) == max(1e-4, 8.0 * d.torch_rel)
+        assert not report.ok(tol=0.0, k=0.0)
+        if seed == SEEDS[0]:
+            module = porting.load_torch_checkpoint(name, torch_file, **TINY[name])
+            checkpoints.save_model(tmp_path / "flax", name, module, overrides=TINY[name])
+            out = tmp_path / "r.json"
+            assert cli.main(["verify", name, str(torch_file), "--against", str(tmp_path / "flax"),
+                             "--grads", "--jit", "--batch", "1", "--height", str(h), "--width",
+                             str(w), "--seed", str(seed), "--json", str(out)]) == 0
+            doc = json.loads(out.read_text())
+            assert doc["verdict"] == "pass" and len(doc["gradients"]) == len(report.grads)
 
 
 # ---- a broken port: --against a corrupted Flax directory, located by --layers ----
@@ -97,10 +116,32 @@ def _swap_norm(module, key):
     bv.set_value(wt)
 
 
+def _swap_biases(module, key):
+    """conv1's bias exchanged with conv2's in the same block (a rule that maps one name onto
+    its sibling of the same shape)."""
+    layout = convert.torch_layout(module)
+    a, b = layout[key].variable, layout[key.replace("conv1", "conv2")].variable
+    av, bv = a.get_value(), b.get_value()
+    assert av.shape == bv.shape
+    a.set_value(bv)
+    b.set_value(av)
+
+
+def _unflipped_transposed_kernel(module, key):
+    """A transposed convolution's kernel not flipped spatially (torch's ConvTranspose2d is the
+    gradient of a convolution: taken as a plain kernel, it must be flipped)."""
+    slot = convert.torch_layout(module)[key]
+    slot.variable.set_value(slot.variable.get_value()[::-1, ::-1])
+
+
+# one per family; the module that holds the weight is the key's owner (for the bias swap, conv1:
+# torch computes it before conv2)
 CORRUPTIONS = [
     ("mprnet:deblurring", "stage2_encoder.encoder_level2.0.body.0.weight", _sign_flip),
     ("restormer:motion_deblurring", "encoder_level2.0.ffn.dwconv.weight", _transpose_kernel),
     ("darkir:m", "encoders.0.modules_list.0.norm2.weight", _swap_norm),
+    ("snr", "feature_extraction.0.conv1.bias", _swap_biases),
+    ("aecrnet", "up1.0.weight", _unflipped_transposed_kernel),
 ]
 
 

@@ -115,10 +115,21 @@ class OverlapPatchEmbed(nnx.Module):
         return self.proj(x)
 
 
+# module-level functions, not lambdas, in the Sequentials below: a lambda is a new object per
+# instance, so two models of one configuration would have different graph definitions and a
+# program compiled for one (porting.verify's cache, a jit with the graph static) not fit the other
+def _unshuffle2(x):
+    return layers.pixel_unshuffle(x, 2)
+
+
+def _shuffle2(x):
+    return layers.pixel_shuffle(x, 2)
+
+
 class Downsample(nnx.Module):
     def __init__(self, n_feat: int, *, rngs: nnx.Rngs):
         self.body = Sequential(Conv2d(n_feat, n_feat // 2, 3, padding=1, bias=False, rngs=rngs),
-                               lambda x: layers.pixel_unshuffle(x, 2))
+                               _unshuffle2)
 
     def __call__(self, x):
         return self.body(x)
@@ -127,7 +138,7 @@ class Downsample(nnx.Module):
 class Upsample(nnx.Module):
     def __init__(self, n_feat: int, *, rngs: nnx.Rngs):
         self.body = Sequential(Conv2d(n_feat, n_feat * 2, 3, padding=1, bias=False, rngs=rngs),
-                               lambda x: layers.pixel_shuffle(x, 2))
+                               _shuffle2)
 
     def __call__(self, x):
         return self.body(x)
