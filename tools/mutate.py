@@ -17,9 +17,10 @@ into a temporary directory, replace each patch's ``old`` text by its ``new`` tex
 of the catalogue, not skipped), and run ``python -m pytest -x -q -p no:cacheprovider TESTS``
 in that copy with ``PYTHONPATH`` pointing at it. The working tree is never written. A mistake is
 CAUGHT when pytest reports a failing test (exit status 1); the table names the first failing
-node. SURVIVED (the tests passed), STALE (a patch does not apply), BROKEN (the tests could not
-be collected or were not found: exit 2-5, i.e. the mutation or the node ids are wrong) and
-TIMEOUT are failures; the exit status is 1 when any mistake ends in one of them.
+node and what it raised (AssertionError: a wrong value, the evidence wanted; anything else: the
+mutation crashed). SURVIVED (the tests passed), STALE (a patch does not apply), BROKEN (the
+tests could not be collected or were not found: exit 2-5, i.e. the mutation or the node ids are
+wrong) and TIMEOUT are failures; the exit status is 1 when any mistake ends in one of them.
 
 ``--baseline`` first runs every test node of the selected mistakes once on the unmutated copy:
 a node that already fails there would "catch" anything, so a failing baseline stops the run.
@@ -30,7 +31,7 @@ Append a :class:`Mistake` to ``CATALOGUE``::
 
     Mistake(
         "family-short-name",                        # unique, kebab-case
-        "family",                                   # restormer|mprnet|darkir|snr|aecrnet|converter|train
+        "family",                                   # restormer|mprnet|darkir|snr|aecrnet|xla_cpu|restore|converter|train
         "what a porter might plausibly get wrong, in one line",
         [("path/from/repo/root.py", "exact old text", "new text")],   # one or more patches
         ["tests/test_x.py::test_node[param]"],      # the narrowest nodes that must catch it
@@ -45,7 +46,9 @@ Append a :class:`Mistake` to ``CATALOGUE``::
   with ``--only NAME`` that it is CAUGHT and how long it takes; the whole catalogue must stay
   under 30 minutes on 2 cores. Then add its row to docs/mutations.md.
 * Prefer targets that are not platform lowerings: the torch-semantics code in models/,
-  porting/, losses, schedules and the torch-semantics primitives of flaxrestore/layers.py.
+  porting/, losses, schedules and the torch-semantics primitives of flaxrestore/layers.py. A
+  mistake in flaxrestore/xla_cpu/ (family ``xla_cpu``) must name a ``cpu-lowering`` node or a
+  test that runs the CPU lowering (the ``accelerator-path`` nodes never execute it).
 """
 
 from __future__ import annotations
@@ -92,46 +95,46 @@ CATALOGUE: list[Mistake] = [
       "GDFN gate: GELU applied to the second half of the split instead of the first",
       [(R, "return self.project_out(layers.gelu(x1) * x2)",
         "return self.project_out(x1 * layers.gelu(x2))")],
-      ["tests/test_restormer.py::test_block_forward[FeedForward]"]),
+      ["tests/test_restormer.py::test_block_forward[cpu-lowering-FeedForward]"]),
     M("restormer-attention-softmax-axis", "restormer",
       "MDTA: attention softmax normalised over the query-channel axis instead of the key axis",
       [(R, "attn = jax.nn.softmax(attn, axis=-1)", "attn = jax.nn.softmax(attn, axis=-2)")],
-      ["tests/test_restormer.py::test_block_forward[Attention]"]),
+      ["tests/test_restormer.py::test_block_forward[cpu-lowering-Attention]"]),
     M("restormer-attention-no-temperature", "restormer",
       "MDTA: the learnable temperature divides the logits instead of multiplying them",
       [(R, "attn = attn * self.temperature[...].astype(q.dtype)",
         "attn = attn / self.temperature[...].astype(q.dtype)")],
-      ["tests/test_restormer.py::test_block_forward[Attention]"]),
+      ["tests/test_restormer.py::test_block_forward[cpu-lowering-Attention]"]),
     M("restormer-layernorm-eps", "restormer",
       "WithBias/BiasFree LayerNorm eps 1e-6 (Flax's default) instead of the original's 1e-5",
       [(R, "layers.ChannelLayerNorm(dim, eps=1e-5,", "layers.ChannelLayerNorm(dim, eps=1e-6,")],
-      ["tests/test_restormer.py::test_block_forward[LayerNorm-WithBias]"]),
+      ["tests/test_restormer.py::test_block_forward[cpu-lowering-LayerNorm-WithBias]"]),
     M("layers-biasfree-layernorm-centred", "restormer",
       "BiasFree LayerNorm written as a centred LN without bias (it divides the uncentred x)",
       [(L, "num = x - mu if self.center else x", "num = x - mu")],
-      ["tests/test_restormer.py::test_block_forward[LayerNorm-BiasFree]"]),
+      ["tests/test_restormer.py::test_block_forward[cpu-lowering-LayerNorm-BiasFree]"]),
     M("layers-pixel-unshuffle-channel-order", "restormer",
       "pixel_unshuffle in TF space_to_depth order (channel fastest) instead of torch's",
       [(L, "return x.transpose(0, 1, 3, 5, 2, 4).reshape(b, h // r, w // r, c * r * r)",
         "return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // r, w // r, c * r * r)")],
-      ["tests/test_restormer.py::test_block_forward[Downsample]"]),
+      ["tests/test_restormer.py::test_block_forward[cpu-lowering-Downsample]"]),
     M("layers-pixel-shuffle-channel-order", "restormer",
       "pixel_shuffle in TF depth_to_space order (channel fastest) instead of torch's",
       [(L, "x = x.reshape(b, h, w, c // (r * r), r, r)\n"
            "    return x.transpose(0, 1, 4, 2, 5, 3).reshape(b, h * r, w * r, c // (r * r))",
         "x = x.reshape(b, h, w, r, r, c // (r * r))\n"
         "    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * r, w * r, c // (r * r))")],
-      ["tests/test_restormer.py::test_block_forward[Upsample]"]),
+      ["tests/test_restormer.py::test_block_forward[cpu-lowering-Upsample]"]),
     # --------------------------------------------------------------------------- MPRNet
     M("mprnet-sam-residual", "mprnet",
       "SAM: the gated features added to conv1(x) instead of to the input features x",
       [(MP, "return x1 * x2 + x, img", "return x1 * x2 + x1, img")],
-      ["tests/test_mprnet.py::test_block_forward[SAM]"]),
+      ["tests/test_mprnet.py::test_block_forward[cpu-lowering-SAM]"]),
     M("mprnet-csff-swapped", "mprnet",
       "cross-stage feature fusion: the encoder's and decoder's features swapped at level 1",
       [(MP, "enc1 = enc1 + self.csff_enc1(encoder_outs[0]) + self.csff_dec1(decoder_outs[0])",
         "enc1 = enc1 + self.csff_enc1(decoder_outs[0]) + self.csff_dec1(encoder_outs[0])")],
-      ["tests/test_mprnet.py::test_block_forward[Encoder-csff]"]),
+      ["tests/test_mprnet.py::test_block_forward[cpu-lowering-Encoder-csff]"]),
     M("mprnet-quadrant-order", "mprnet",
       "stage 1: the right quadrants' features glued on the left of the halves",
       [(MP, "top = jnp.concatenate([f_lt, f_rt], axis=2)",
@@ -141,28 +144,29 @@ CATALOGUE: list[Mistake] = [
       "the x0.5 bilinear resize with align_corners=True",
       [(MP, "return layers.resize_bilinear(x, scale_factor=0.5, align_corners=False)",
         "return layers.resize_bilinear(x, scale_factor=0.5, align_corners=True)")],
-      ["tests/test_mprnet.py::test_block_forward[DownSample]"]),
+      ["tests/test_mprnet.py::test_block_forward[cpu-lowering-DownSample]"]),
     M("losses-charbonnier-eps-not-squared", "mprnet",
       "MPRNet's Charbonnier with eps (1e-3) not squared inside the root",
       [("flaxrestore/losses.py", "return jnp.mean(jnp.sqrt(d * d + eps * eps))",
         "return jnp.mean(jnp.sqrt(d * d + eps))")],
-      ["tests/test_mprnet.py::test_charbonnier"]),
+      ["tests/test_mprnet.py::test_charbonnier[shape0]"]),
     # --------------------------------------------------------------------------- DarkIR
     M("darkir-fft-norm-ortho", "darkir",
       "FreMLP: rfft2/irfft2 with norm='ortho' instead of torch's default 'backward'",
-      [(D, "z = jnp.fft.rfft2(x, axes=(1, 2))", "z = jnp.fft.rfft2(x, axes=(1, 2), norm=\"ortho\")"),
+      [(D, ", axes=(1, 2))\n        re, im = jnp.real(z), jnp.imag(z)",
+        ", axes=(1, 2), norm=\"ortho\")\n        re, im = jnp.real(z), jnp.imag(z)"),
        (D, "return jnp.fft.irfft2(z, s=(h, w), axes=(1, 2)).astype(x.dtype)",
         "return jnp.fft.irfft2(z, s=(h, w), axes=(1, 2), norm=\"ortho\").astype(x.dtype)")],
-      ["tests/test_darkir.py::test_block_forward[FreMLP-hw1]"]),
+      ["tests/test_darkir.py::test_block_forward[cpu-lowering-FreMLP-hw1]"]),
     M("darkir-fft-real-imag-swapped", "darkir",
       "FreMLP: the recombined spectrum with real and imaginary parts swapped",
       [(D, "z = jax.lax.complex(mag * cos, mag * sin)", "z = jax.lax.complex(mag * sin, mag * cos)")],
-      ["tests/test_darkir.py::test_block_forward[FreMLP-hw1]"]),
+      ["tests/test_darkir.py::test_block_forward[cpu-lowering-FreMLP-hw1]"]),
     M("darkir-layernorm-eps", "darkir",
       "LayerNorm2d eps 1e-5 (torch's LayerNorm default) instead of DarkIR's 1e-6",
       [(D, "return layers.ChannelLayerNorm(channels, eps=1e-6)",
         "return layers.ChannelLayerNorm(channels, eps=1e-5)")],
-      ["tests/test_darkir.py::test_block_forward[LayerNorm2d-hw0]"]),
+      ["tests/test_darkir.py::test_block_forward[cpu-lowering-LayerNorm2d-hw0]"]),
     M("darkir-pad-top-left", "darkir",
       "the network's own padding to a multiple of 8 put at the top/left instead of bottom/right",
       [(D, "x = layers.pad2d(x, (0, (p - h % p) % p, 0, (p - w % p) % p))  # zeros, bottom/right",
@@ -174,7 +178,7 @@ CATALOGUE: list[Mistake] = [
            "        return y + x * self.gamma[...]",
         "        y = inp + self.gamma[...] * x\n        x = y * self.freq(self.norm2(y))\n"
         "        return y + x * self.beta[...]")],
-      ["tests/test_darkir.py::test_block_forward[EBlock-hw2]"]),
+      ["tests/test_darkir.py::test_block_forward[cpu-lowering-EBlock-hw2]"]),
     # ------------------------------------------------------------------------ SNR-Aware
     M("snr-mask-threshold-inverted", "snr",
       "transformer key mask: patches with mean SNR below 0.5 attended to instead of above",
@@ -183,7 +187,7 @@ CATALOGUE: list[Mistake] = [
     M("snr-mask-fill-zero", "snr",
       "masked keys filled with logit 0 (masked_fill(mask, 0)) instead of -1e9",
       [(S, "MASK_FILL = -1e9", "MASK_FILL = 0.0")],
-      ["tests/test_snr.py::test_attention_full_width_with_masks[attention]"]),
+      ["tests/test_snr.py::test_attention_full_width_with_masks[cpu-lowering-attention]"]),
     M("snr-blend-swapped", "snr",
       "the SNR map blends the branches the wrong way round (high SNR -> transformer)",
       [(S, "fea = fea_global * (1 - mask_q) + fea_light * mask_q",
@@ -221,13 +225,40 @@ CATALOGUE: list[Mistake] = [
       [(A, 'return layers.pad2d(x, 3, "reflect")  # torch ReflectionPad2d(3): no edge repeat',
         'return layers.pad2d(x, 3, "replicate")')],
       ["tests/test_aecrnet.py::test_network_forward_and_gradients_eval_full_width"]),
+    # ------------------------------------------------ XLA:CPU lowerings (what CPU programs run)
+    M("xla-cpu-winograd-kernel-transform-sign", "xla_cpu",
+      "Winograd F(2x2, 3x3): a sign flipped in the kernel transform G's third row",
+      [("flaxrestore/xla_cpu/convs.py", "(0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))",
+        "(0.5, 0.5, 0.5), (0.5, -0.5, -0.5), (0.0, 0.0, 1.0))")],
+      ["tests/test_layers.py::test_winograd_conv3x3_matches_torch[1-hw0-5-7-1]"]),
+    M("xla-cpu-dilated-branch-grad-offsets", "xla_cpu",
+      "DarkIR's fused dilated depthwise branches: the hand-written input gradient reads dy at "
+      "the taps' offsets instead of the negated ones (forward unchanged)",
+      [("flaxrestore/xla_cpu/depthwise.py", "neg = tuple((-dy, -dx) for dy, dx in offsets)",
+        "neg = tuple((dy, dx) for dy, dx in offsets)")],
+      ["tests/test_darkir.py::test_training_step_parity"]),
+    # --------------------------------------------------------------- restore (tiles, ensemble)
+    M("restore-ensemble-inverse-order", "restore",
+      "x8 ensemble: the inverse transform undoes the rotation before the flip",
+      [("flaxrestore/restore.py", "    if k >= 4:\n        a = a[:, :, ::-1]\n    return np.rot90(a, -(k % 4), axes=(1, 2))",
+        "    a = np.rot90(a, -(k % 4), axes=(1, 2))\n    return a[:, :, ::-1] if k >= 4 else a")],
+      ["tests/test_restore.py::test_tiles_and_ensemble_on_real_networks_match_torch[restormer]"]),
+    M("restore-ensemble-snr-map-untransformed", "restore",
+      "x8 ensemble: SNR-Aware's map passed untransformed next to the transformed image",
+      [("flaxrestore/restore.py", "[_transform(e, k) for e in extras]", "list(extras)")],
+      ["tests/test_restore.py::test_tiles_and_ensemble_on_real_networks_match_torch[snr]"]),
+    M("restore-tile-blend-no-margin", "restore",
+      "tile blending without the zero margin at shared tile edges (tile borders lack context)",
+      [("flaxrestore/restore.py", "    margin = overlap // 4\n    rise = overlap - 2 * margin\n    d = np.arange",
+        "    margin = 0\n    rise = overlap - 2 * margin\n    d = np.arange")],
+      ["tests/test_restore.py::test_tiles_and_ensemble_on_real_networks_match_torch[restormer]"]),
     # ------------------------------------------------------------------------ converter
     M("convert-dcn-kernel-hw-swapped", "converter",
       "converter: the deformable conv's OIHW -> HWIO rule transposes H and W (one layer type)",
       [(C, 'RULES[layers.ModulatedDeformConv2d] = {"kernel": OIHW_TO_HWIO}',
         'RULES[layers.ModulatedDeformConv2d] = {"kernel": Rule("weight", _t(3, 2, 1, 0), '
         '_t(3, 2, 1, 0))}')],
-      ["tests/test_aecrnet.py::test_block_forward[DCNBlock]"]),
+      ["tests/test_aecrnet.py::test_block_forward[cpu-lowering-DCNBlock]"]),
     M("convert-conv-transpose-not-flipped", "converter",
       "converter: ConvTranspose2d's kernel swapped to HWIO but not flipped spatially",
       [(C, "CONV_TRANSPOSE_FLIP = Rule(\"weight\", lambda a: np.transpose(a[:, :, ::-1, ::-1], (2, 3, 0, 1)),\n"
@@ -283,7 +314,7 @@ CATALOGUE: list[Mistake] = [
       "the train step subtracts optax's updates (which already carry the minus sign)",
       [("train/step.py", 'params = optax.apply_updates(state["params"], updates)',
         'params = optax.apply_updates(state["params"], jax.tree.map(lambda u: -u, updates))')],
-      ["tests/test_train_step.py::test_train_step_matches_torch_adamw_and_remat"]),
+      ["tests/test_train_step.py::test_remat_step_gradients_match_torch_and_recompute_survives"]),
 ]
 
 
@@ -356,6 +387,9 @@ class Result:
 
 
 _FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
+# the last line of a failure's traceback, "path.py:LINE: ExceptionType" (the short summary's
+# message is cut to the terminal's width)
+_RAISED = re.compile(r"^\S+\.py:\d+: ([\w.]+)\s*$", re.M)
 
 
 def pytest_env(root: str) -> dict:
@@ -395,7 +429,11 @@ def run_one(base: str, mistake: Mistake, python: str, keep: bool) -> Result:
             return Result(mistake, "TIMEOUT", "-", secs, f"after {mistake.timeout} s")
         if rc == 1:
             m = _FAILED.search(out)
-            return Result(mistake, "CAUGHT", m.group(1) if m else "(a test failed)", secs)
+            # how it failed: AssertionError (a wrong value) is the evidence wanted; an exception
+            # means the mistake crashed, which the catalogue should avoid
+            raised = _RAISED.search(out)
+            how = raised.group(1).rsplit(".", 1)[-1] if raised else "?"
+            return Result(mistake, "CAUGHT", m.group(1) if m else "(a test failed)", secs, how)
         if rc == 0:
             return Result(mistake, "SURVIVED", "-", secs, out.strip().splitlines()[-1] if out.strip() else "")
         tail = " | ".join(out.strip().splitlines()[-3:])
@@ -425,9 +463,10 @@ def select(args) -> list[Mistake]:
 
 
 def table(results: list[Result], total: float) -> str:
-    rows = [("mistake", "family", "result", "caught by", "time")]
+    rows = [("mistake", "family", "result", "caught by", "failure", "time")]
     for r in results:
-        rows.append((r.mistake.name, r.mistake.family, r.status, r.caught_by, f"{r.seconds:.0f} s"))
+        rows.append((r.mistake.name, r.mistake.family, r.status, r.caught_by,
+                     r.detail if r.status == "CAUGHT" else "-", f"{r.seconds:.0f} s"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -498,7 +537,7 @@ def main(argv=None) -> int:
                 r = fut.result()
                 results.append(r)
                 print(f"{r.status:8s} {r.mistake.name}  {r.caught_by}  {r.seconds:.0f} s"
-                      + (f"  ({r.detail})" if r.detail and r.status != "CAUGHT" else ""),
+                      + (f"  ({r.detail})" if r.detail else ""),
                       flush=True)
         order = {m.name: i for i, m in enumerate(CATALOGUE)}
         results.sort(key=lambda r: order[r.mistake.name])
