@@ -98,8 +98,11 @@ class Diff:
         return self.rel if self.flax_err is None else self.flax_rel
 
     def margin(self, tol: float = TOL, k: float = K) -> float:
-        """error / bound: <= 1 passes."""
-        return self.error() / self.bound(tol, k)
+        """error / bound: <= 1 passes (a zero bound, ``--tol 0 --plain``: 0 if exact, else inf)."""
+        bound = self.bound(tol, k)
+        if bound == 0:
+            return 0.0 if self.error() == 0 else float("inf")
+        return self.error() / bound
 
     def ok(self, tol: float = TOL, k: float = K) -> bool:
         return self.error() <= self.bound(tol, k)

@@ -23,9 +23,8 @@ from flaxrestore import lowering, models
 from porting import reference, verify
 
 FAMILY_SMALL = {
+    # (the dual-pixel variant differs in its input channels and skip only: not a lowering matter)
     "restormer:motion_deblurring": dict(dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1),
-    "restormer:dual_pixel_defocus_deblurring": dict(dim=8, num_blocks=(1, 1, 1, 1),
-                                                    num_refinement_blocks=1),
     "mprnet:deblurring": dict(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1),
     "darkir:m": dict(width=8, enc_blk_nums=(1, 1, 1), dec_blk_nums=(1, 1, 1),
                      middle_blk_num_enc=1, middle_blk_num_dec=1),

@@ -239,7 +239,10 @@ def test_cli_convert_export_verify(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
-def test_cli_help():
+def test_cli_help(capsys):
+    from porting.__main__ import main
+
     for cmd in ("convert", "export", "verify", "demo"):
-        r = _run(cmd, "--help")
-        assert r.returncode == 0 and "usage" in r.stdout
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0 and "usage" in capsys.readouterr().out

@@ -271,9 +271,8 @@ _FALLBACK_CHECK = """
     import warnings
     import numpy as np, jax, jax.numpy as jnp
     from flax import nnx
-    from flaxrestore import layers, lowering
-from flaxrestore.xla_cpu import convs as xla_convs
-from flaxrestore.xla_cpu import native
+    from flaxrestore import layers
+    from flaxrestore.xla_cpu import native
     conv = layers.Conv2d(6, 6, 3, padding=1, groups=6, rngs=nnx.Rngs(0))
     x = np.random.default_rng(0).standard_normal((1, 7, 8, 6)).astype(np.float32)
     graphdef, state = nnx.split(conv)
@@ -332,7 +331,7 @@ def test_build_is_cached_and_reused(tmp_path):
     """The first process builds into the cache directory; a second one loads the same file
     without compiling (its compiler would fail)."""
     code = """
-        from flaxrestore import native
+        from flaxrestore.xla_cpu import native
         print("AVAILABLE", native.available())
         print("PATH", native.library_path())
         print("ERROR", str(native.load_error()).replace("\\n", " | "))

@@ -108,7 +108,9 @@ def test_variant_forward(name):
     assert report.worst() <= 1e-4, report.format()
 
 
-@pytest.mark.parametrize("name", ["restormer:motion_deblurring", "restormer:gaussian_gray_denoising",
+# motion deblurring's gradients (WithBias norms, 3 channels, the residual skip) are checked at its
+# released widths against float64 in test_released_grads.py; here the variants that differ
+@pytest.mark.parametrize("name", ["restormer:gaussian_gray_denoising",
                                   "restormer:dual_pixel_defocus_deblurring"])
 def test_gradients_reduced_width(name):
     torch.manual_seed(1)

@@ -48,7 +48,7 @@ def _release_file(path, name, seed):
 
 # ---- the yardstick, every family ----
 
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1)  # 0-3 at reduced widths when K was chosen; a third costs ~40 s of make test
 
 
 @pytest.mark.parametrize("name", list(TINY))
