@@ -228,10 +228,7 @@ def test_cli_convert_export_verify(tmp_path):
     r = _run("verify", name, tmp_path / "back.pth", "--batch", "1", "--height", "8", "--width", "16")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "PASS" in r.stdout and "max|diff|" in r.stdout
-    # above tolerance -> non-zero exit status (--plain: float32 against float32, no yardstick)
-    r = _run("verify", name, tmp_path / "back.pth", "--batch", "1", "--height", "8", "--width", "16",
-             "--plain", "--tol", "0")
-    assert r.returncode == 1 and "FAIL" in r.stdout
+    # a failing verdict's exit status 1: tests/test_verify.py (corrupted directories, --against)
 
     r = _run("convert", "restormer:motion_deblurring", tmp_path / "release.pth", tmp_path / "other")
     assert r.returncode == 2

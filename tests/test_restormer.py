@@ -98,7 +98,17 @@ def test_block_forward(block):
     assert np.abs(out - ref).max() <= 1e-5
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+def _one_per_config(names):
+    """The first variant of each distinct config: variants that share one (motion deblurring,
+    single-image defocus and deraining; colour and real denoising) differ only in their
+    weights, and their configs' key/shape agreement with the spec is checked per name above."""
+    seen = {}
+    for n in names:
+        seen.setdefault(repr(models.get_config(n)), n)
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("name", _one_per_config(VARIANTS))
 def test_variant_forward(name):
     torch.manual_seed(0)
     ref = _perturb(reference.build(name).eval())
@@ -116,7 +126,9 @@ def test_gradients_reduced_width(name):
     torch.manual_seed(1)
     ref = _perturb(reference.build(name, **SMALL), seed=1)
     module = porting.torch_to_flax(name, ref.state_dict(), **SMALL)
-    report = verify.compare(name, ref, module, batch=2, height=16, width=24, grads=True, **SMALL)
+    # compiled as the trainer compiles (op by op took 3x longer; SNR-Aware's test runs both)
+    report = verify.compare(name, ref, module, batch=2, height=16, width=24, grads=True, jit=True,
+                            **SMALL)
     n_params = len(ref.state_dict())
     assert len(report.grads) == n_params + 1  # every parameter and the input
     assert report.worst() <= 1e-4, report.format()

@@ -241,3 +241,13 @@ def test_nudge_moves_the_image_by_one_ulp_only():
     steps = np.abs(nx.view(np.int32) - x.view(np.int32))
     assert (steps == 1).all()
     assert np.array_equal(nm, m)
+
+
+def test_a_zero_tolerance_fails_any_difference_and_passes_exact_equality():
+    """--plain --tol 0: any float32 difference fails (it raised ZeroDivisionError once)."""
+    off = verify.Diff("output", (1,), max_abs=1e-7, mean_abs=1e-7, scale=1.0)
+    exact = verify.Diff("output", (1,), max_abs=0.0, mean_abs=0.0, scale=1.0)
+    assert not off.ok(tol=0.0) and off.margin(tol=0.0) == float("inf")
+    assert exact.ok(tol=0.0) and exact.margin(tol=0.0) == 0.0
+    judged = verify.Diff("output", (1,), 1e-7, 1e-7, 1.0, flax_err=3e-7, torch_err=1e-7)
+    assert judged.ok(tol=0.0, k=3.0) and not judged.ok(tol=0.0, k=2.9)
