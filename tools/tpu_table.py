@@ -148,7 +148,8 @@ How to read a row (figures per chip):
   XLA's own `optimal_seconds` is not used (it came back negative for the Restormer step).
 - float32 matmuls and convolutions at JAX's default precision run as one bfloat16 pass on the
   MXU, so the same peak bounds both dtypes; the bfloat16 rows differ in memory and bytes moved.
-- Compile times are on a 2-core host.
+- **compile s**: wall time of the compile on the 2-core host that made the row, often shared
+  with other jobs (the MPRNet bfloat16 row: at low priority beside a test run).
 
 | chip | HBM | peak (bfloat16, dense) | HBM bandwidth |
 |---|---|---|---|
