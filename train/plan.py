@@ -460,6 +460,8 @@ def schedule_seconds(rows: Sequence[tuple[int, int, Result]]) -> float | None:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.2g} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
