@@ -149,20 +149,13 @@ def _match_problems(layout_shapes: Mapping[str, tuple], given: Mapping[str, tupl
     return missing, unexpected, mismatched
 
 
-@functools.lru_cache(maxsize=None)
 def _variant_shapes(name: str, overrides: tuple) -> dict[str, tuple[int, ...]]:
-    """The state_dict shapes of variant ``name``, from its torch reference built on torch's meta
-    device: instant, where tracing the Flax module's init takes seconds per variant (a wrong
-    name's error message looked at every variant of the family: 38 s for Restormer). The Flax
-    layout equals it key for key and shape for shape (tests/test_convert.py)."""
-    import torch
-
-    from porting import reference
-
-    cfg = models.get_config(name, **dict(overrides))
-    with torch.device("meta"):
-        module = reference.reference_class(models.entry(name).family)(**dataclasses.asdict(cfg))
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    """The state_dict shapes of variant ``name``, from its torch reference on the meta device:
+    instant, where tracing the Flax module's init takes seconds per variant (a wrong name's
+    error message looked at every variant of the family: 38 s for Restormer). The Flax layout
+    equals it key for key and shape for shape (tests/test_convert.py)."""
+    return dict(_meta_state_dict(models.entry(name).family,
+                                 models.get_config(name, **dict(overrides))))
 
 
 def matching_variants(state_shapes: Mapping[str, tuple], family: str | None = None,
@@ -180,15 +173,20 @@ def matching_variants(state_shapes: Mapping[str, tuple], family: str | None = No
 
 
 @functools.lru_cache(maxsize=None)
-def _meta_state_dict_keys(family: str, cfg) -> tuple[str, ...]:
-    """The state_dict keys, in order, of ``family``'s torch reference built from ``cfg`` on
-    torch's meta device (no memory, no init); cached per config."""
+def _meta_state_dict(family: str, cfg) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(key, shape) of every state_dict entry, in order, of ``family``'s torch reference built
+    from ``cfg`` on torch's meta device (no memory, no init); cached per config."""
     import torch
 
     from porting import reference
 
     with torch.device("meta"):
-        return tuple(reference.reference_class(family)(**dataclasses.asdict(cfg)).state_dict())
+        sd = reference.reference_class(family)(**dataclasses.asdict(cfg)).state_dict()
+    return tuple((k, tuple(v.shape)) for k, v in sd.items())
+
+
+def _meta_state_dict_keys(family: str, cfg) -> tuple[str, ...]:
+    return tuple(k for k, _ in _meta_state_dict(family, cfg))
 
 
 def _family_top_level(family: str) -> frozenset[str]:

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         cmd = (f"python -m train plan --config {name} --topology {MAIN} --dtype "
                f"{','.join(DTYPES)}")
         lines = [f"### {name} ({recipe.model})", "", f"    {cmd}", "", plan.HEADER,
-                 "|" + "---|" * (plan.HEADER.count("|") - 1)]
+                 plan.SEPARATOR]
         notes, biggest = [], None
         for d in DTYPES:
             r_d = dataclasses.replace(recipe, dtype=d)
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
                       f"{OTHER} ({o.chips} x TPU {o.chip.generation}, same global batch):", "",
                       f"    python -m train plan --config {name} --topology {OTHER} --patch "
                       f"{patch} --batch {ob}",
-                      "", plan.HEADER, "|" + "---|" * (plan.HEADER.count("|") - 1)]
+                      "", plan.HEADER, plan.SEPARATOR]
             r = planners[OTHER].get(recipe, patch, ob)
             if r is None:
                 missing += 1

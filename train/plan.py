@@ -204,12 +204,7 @@ class Cache:
 
     def get(self, key: str) -> Result | None:
         rec = self.entries.get(key)
-        if rec is None:
-            return None
-        result = Result(**rec)
-        if not result.fits and not result.needed_bytes and _oom_sizes(result.message):
-            result.needed_bytes, result.limit_bytes = _oom_sizes(result.message)
-        return result
+        return Result(**rec) if rec is not None else None
 
     def put(self, key: str, result: Result) -> None:
         self.entries[key] = dataclasses.asdict(result)
@@ -226,20 +221,17 @@ def default_cache_path() -> str:
 
 # what libtpu says when a program does not fit, e.g. "RESOURCE_EXHAUSTED: Ran out of memory on
 # HBM, the total memory required for HLO temporaries (27.48G) exceeds available HBM (15.75G)."
-_OOM = (re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)i?B?\) exceeds available HBM "
-                   r"\(([\d.]+)([KMGT]?)i?B?\)"),
-        re.compile(r"[Uu]sed ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm"))
+_OOM = re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)i?B?\) exceeds available HBM "
+                  r"\(([\d.]+)([KMGT]?)i?B?\)")
 _UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GiB, "T": 1024 ** 4}
 
 
 def _oom_sizes(message: str) -> tuple[int, int] | None:
     """(bytes needed, bytes available) from the compiler's out-of-memory message, or None."""
-    for pattern in _OOM:
-        m = pattern.search(message)
-        if m:
-            return (int(float(m.group(1)) * _UNITS[m.group(2)]),
-                    int(float(m.group(3)) * _UNITS[m.group(4)]))
-    return None
+    m = _OOM.search(message)
+    if not m:
+        return None
+    return (int(float(m.group(1)) * _UNITS[m.group(2)]), int(float(m.group(3)) * _UNITS[m.group(4)]))
 
 
 def _io_shapes(recipe, model, patch: int):
@@ -437,6 +429,7 @@ def _per_device(recipe, global_batch: int, devices: int) -> int:
 
 HEADER = ("| dtype | steps | patch | batch/chip | arguments GiB | temporaries GiB | needed GiB "
           "| HBM GiB | fits | GFLOP/step | GB/step | roofline ms/step | img/s/chip | compile s |")
+SEPARATOR = "|" + "---|" * (HEADER.count("|") - 1)
 
 
 def table_row(r: Result, steps: str, sl_chip: Chip, devices_per_chip: int) -> str:
@@ -528,7 +521,7 @@ def _run(args, overrides: Sequence[str]) -> int:
           f"bfloat16 peak, {sl.chip.hbm_bandwidth / 1e9:.0f} GB/s HBM (published figures)")
     print()
     print(HEADER)
-    print("|" + "---|" * (HEADER.count("|") - 1))
+    print(SEPARATOR)
     summaries = []
     for d in dtypes:
         r_dtype = dataclasses.replace(recipe, dtype=d)
