@@ -10,6 +10,7 @@ from PIL import Image
 
 from train import data as D
 from train import degrade
+from train.data.transforms import apply_ops, transform_ops
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -212,23 +213,23 @@ def test_augment_tables():
                  lambda a: np.rot90(a, 2), lambda a: np.flipud(np.rot90(a, 2)),
                  lambda a: np.rot90(a, 3), lambda a: np.flipud(np.rot90(a, 3))]
     for m, f in enumerate(restormer):
-        got = D._apply_ops(x, D._transform_ops("dihedral8", FixedRng([m])))
+        got = apply_ops(x, transform_ops("dihedral8", FixedRng([m])))
         np.testing.assert_array_equal(got, f(x))
     # MPRNet on CHW tensors: flip(1) = rows, flip(2) = columns, rot90 over dims (1, 2)
     mpr = [lambda a: a, lambda a: a[::-1], lambda a: a[:, ::-1], np.rot90, lambda a: np.rot90(a, 2),
            lambda a: np.rot90(a, 3), lambda a: np.rot90(a[::-1]), lambda a: np.rot90(a[:, ::-1]), lambda a: a]
     for m, f in enumerate(mpr):
-        np.testing.assert_array_equal(D._apply_ops(x, D._transform_ops("mprnet9", FixedRng([m]))), f(x))
+        np.testing.assert_array_equal(apply_ops(x, transform_ops("mprnet9", FixedRng([m]))), f(x))
     # AECR-Net: horizontal flip then counter-clockwise rotation by 90 r
-    got = D._apply_ops(x, D._transform_ops("hflip_rot4", FixedRng([3], [0.2])))
+    got = apply_ops(x, transform_ops("hflip_rot4", FixedRng([3], [0.2])))
     np.testing.assert_array_equal(got, np.rot90(x[:, ::-1], 3))
-    got = D._apply_ops(x, D._transform_ops("hvflip", FixedRng([], [0.9, 0.1])))
+    got = apply_ops(x, transform_ops("hvflip", FixedRng([], [0.9, 0.1])))
     np.testing.assert_array_equal(got, x[::-1])
     # frequencies: mprnet9 keeps the identity twice as often as the others
     rng = np.random.default_rng(0)
     counts = {}
     for _ in range(9000):
-        key = str(D._transform_ops("mprnet9", rng))
+        key = str(transform_ops("mprnet9", rng))
         counts[key] = counts.get(key, 0) + 1
     assert len(counts) == 8 and abs(counts["[]"] / 9000 - 2 / 9) < 0.02
 
@@ -348,6 +349,39 @@ def test_layouts(tmp_path):
     assert len(D.list_pairs("paired", str(tmp_path / "pp"), lq_subdir="rainy", gt_subdir="norain")) == 1
     with pytest.raises(D.DataError, match="not a LOL split"):
         D.list_pairs("lol", str(tmp_path / "v2"))
+
+
+def test_layout_table_and_unknown_kind_agree(tmp_path):
+    from train.data.layouts import LAYOUTS
+    assert D.KINDS == ("demo", *LAYOUTS)
+    for kind in ("imagenet", "demo"):  # the demo data has no folder layout
+        with pytest.raises(ValueError, match="has no folder layout") as e:
+            D.list_pairs(kind, str(tmp_path))
+        assert str(e.value).rsplit("the layouts are ", 1)[1].split(", ") == list(LAYOUTS)
+    for kind in LAYOUTS:  # every entry is wired to a lister: an empty folder is unusable data
+        with pytest.raises(D.DataError):
+            D.list_pairs(kind, str(tmp_path))
+
+
+def test_luma_matches_pillow_grey(tmp_path):
+    from train.data.images import luma
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    rgb[0, :8] = [[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255], [1, 2, 3],
+                  [128, 128, 128], [254, 1, 127]]
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    pillow = np.asarray(Image.open(tmp_path / "c.png").convert("L"), np.float32)[..., None]
+    ulp = 0.5 + 1e-2  # Pillow rounds to 8 bits (with 16-bit fixed-point weights)
+    assert np.abs(luma(rgb / np.float32(255)) * 255 - pillow).max() <= ulp
+    assert np.abs(D.load_image(str(tmp_path / "c.png"), 1) * 255 - pillow).max() <= ulp
+    # the demo's grey training and validation images ('haze' keeps gt = the clean image)
+    cfg = D.DataConfig(kind="demo", degradation="haze", channels=1, patch_size=None, geometric_augs=False,
+                       demo_val_size=None)
+    greys = {stem: np.asarray(Image.open(f).convert("L"), np.float32)[..., None]
+             for f in _demo_files() for stem in [os.path.basename(f).rsplit(".", 1)[0]]}
+    val = D.make_val_dataset(cfg)[0]
+    assert np.abs(val["gt"] * 255 - greys[val["name"].rsplit("_", 2)[0]]).max() <= ulp
+    gt = next(D.make_train_iterator(cfg, batch_size=1, seed=0))["gt"][0]
+    assert min(np.abs(gt * 255 - g).max() for g in greys.values()) <= ulp
 
 
 def test_val_dataset_folder(tmp_path):
