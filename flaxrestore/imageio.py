@@ -2,13 +2,20 @@
 
 Pixels come out as float32 in [0, 1], HxWxC with C = 1 (grey) or 3 (RGB); an alpha channel is kept
 aside (:attr:`Picture.alpha`) so that a model only ever sees colour, and is put back on writing.
-Writing keeps the bit depth asked for (the CLI passes the input's).
+Writing keeps the bit depth asked for (the CLI passes the input's). This module owns that contract
+(which library handles which file, the [0, 1] scaling and rounding, alpha, EXIF orientation, clear
+errors); the file formats themselves are left to maintained libraries:
 
-Pillow reads 16-bit grey natively but reduces 16-bit RGB/RGBA PNG and TIFF to 8 bits. For those
-the file is decoded twice through Pillow's own decoder (so every PNG filter, TIFF compression and
-predictor is handled by Pillow/libtiff), once unpacking the high byte of each sample and once the
-low byte, and the two are recombined exactly. 16-bit colour files are written by a small encoder
-here (PNG: zlib + filter 0; TIFF: baseline, uncompressed), which Pillow cannot do.
+- Pillow: JPEG, 8-bit PNG and TIFF (palette, CMYK, bilevel, ... converted to RGB(A)) and 16-bit grey
+  PNG/TIFF, which it reads and writes exactly.
+- pypng: 16-bit PNG with more than one channel (grey+alpha, RGB, RGBA), read and written.
+- tifffile (its LZW/Deflate/PackBits codecs from imagecodecs): 16-bit TIFF with more than one
+  channel (RGB, RGBA, grey+alpha; any strip/tile layout and compression), read and written.
+
+Pillow alone is not enough for 16-bit colour: it cannot write it, it reads it as 8 bits per sample
+(its RGB/RGBA modes are 8 bit), and it cannot open 16-bit grey+alpha TIFF at all. Other TIFFs stay
+with Pillow rather than tifffile because tifffile returns samples as stored, and Pillow converts
+what 8-bit TIFFs hold (palette, CMYK, YCbCr, min-is-white, bilevel, premultiplied alpha) to RGB(A).
 """
 
 from __future__ import annotations
@@ -16,12 +23,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
-import sys
 import zlib
 
 import numpy as np
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, either byte order
+_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
 class ImageReadError(ValueError):
@@ -60,6 +70,20 @@ def _orientation(img) -> int:
         return 1
 
 
+def _exif_orientation(data: bytes | None) -> int:
+    """The orientation tag of raw EXIF bytes (a PNG eXIf chunk), 1 when absent or malformed."""
+    from PIL import Image
+
+    if not data:
+        return 1
+    try:
+        exif = Image.Exif()
+        exif.load(data)
+        return int(exif.get(0x0112, 1))
+    except Exception:
+        return 1
+
+
 def _apply_orientation(a: np.ndarray, orientation: int) -> np.ndarray:
     """Turns stored pixels upright according to the EXIF orientation tag (1..8)."""
     ops = {2: lambda x: x[:, ::-1], 3: lambda x: x[::-1, ::-1], 4: lambda x: x[::-1],
@@ -68,52 +92,98 @@ def _apply_orientation(a: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(ops[orientation](a)) if orientation in ops else a
 
 
-def _swap_rawmode(rawmode: str) -> str:
-    """The rawmode that unpacks the *other* byte of each 16-bit sample than ``rawmode`` does."""
-    native_little = sys.byteorder == "little"
-    for tail, other in ((";16B", ";16L"), (";16L", ";16B"),
-                        (";16N", ";16B" if native_little else ";16L")):
-        if rawmode.endswith(tail):
-            return rawmode[: -len(tail)] + other
-    raise ImageReadError(f"unsupported 16-bit sample layout {rawmode!r}")
+def _read_png16_colour(path: str) -> tuple[np.ndarray, int] | None:
+    """uint16 (H, W, C) and EXIF orientation of a 16-bit PNG with C = 2, 3 or 4, else None."""
+    import png
+
+    with open(path, "rb") as f:
+        # Only the header decides: pypng's reading of the other chunks is stricter than Pillow's
+        # (an 8-bit RGBA file with a stray tRNS chunk, which Pillow reads, is an error to it).
+        # IHDR holds width and height (4 bytes each), then bit depth and colour type.
+        kind, ihdr = png.Reader(file=f).chunk()
+        if kind != b"IHDR" or len(ihdr) != 13 or ihdr[8] != 16 or ihdr[9] not in (2, 4, 6):
+            return None  # grey, palette, or 8 bits or fewer: Pillow
+        f.seek(0)
+        reader = png.Reader(file=f)
+        width, height, rows, info = reader.read()
+        planes = info["planes"]
+        a = np.empty((height, width * planes), np.uint16)
+        n = 0
+        for n, row in enumerate(rows, 1):  # array('H') rows, native byte order
+            a[n - 1] = np.frombuffer(row, np.uint16)
+        if n != height:
+            raise ImageReadError(f"{path}: truncated PNG ({n} of {height} rows)")
+        # pypng skips eXIf, which may also come after the pixel data: one more pass over the chunks
+        f.seek(0)
+        exif = next((data for kind, data in png.Reader(file=f).chunks() if kind == b"eXIf"), None)
+    return a.reshape(height, width, planes), _exif_orientation(exif)
 
 
-def _decode_with_rawmode(path: str, rawmode: str) -> np.ndarray:
+def _read_tiff16_colour(path: str) -> tuple[np.ndarray, int] | None:
+    """uint16 (H, W, C) and orientation of the first page of a 16-bit RGB(A) or grey+alpha TIFF.
+
+    None for any other TIFF (8 bit, single channel, float, CMYK, ...), which Pillow reads.
+    Alpha comes back unassociated (straight), as Pillow gives it for 8 bits.
+    """
+    import tifffile
+    from tifffile import EXTRASAMPLE, PHOTOMETRIC, SAMPLEFORMAT
+
+    with tifffile.TiffFile(path) as tif:
+        try:
+            page = tif.pages.first
+        except IndexError:  # no image in it: Pillow says so
+            return None
+        if (page.bitspersample != 16 or page.samplesperpixel == 1
+                or page.sampleformat != SAMPLEFORMAT.UINT
+                or page.photometric not in (PHOTOMETRIC.RGB, PHOTOMETRIC.MINISBLACK)):
+            return None
+        if page.axes not in ("YXS", "SYX"):
+            raise ImageReadError(f"{path}: unsupported TIFF layout (axes {page.axes})")
+        a = page.asarray()
+        if page.axes == "SYX":  # planar configuration 2: one plane per sample
+            a = np.moveaxis(a, 0, -1)
+        orientation = page.tags.valueof(274, 1)
+        extra = page.extrasamples[0] if page.extrasamples else EXTRASAMPLE.UNSPECIFIED
+    colour = 3 if page.photometric == PHOTOMETRIC.RGB else 1
+    if a.shape[-1] < colour:
+        raise ImageReadError(f"{path}: RGB TIFF with {a.shape[-1]} samples per pixel")
+    if a.shape[-1] == colour or extra not in (EXTRASAMPLE.ASSOCALPHA, EXTRASAMPLE.UNASSALPHA):
+        return np.ascontiguousarray(a[..., :colour]), orientation
+    a = a[..., : colour + 1].astype(np.uint16)
+    if extra == EXTRASAMPLE.ASSOCALPHA:  # colour stored multiplied by alpha
+        alpha = a[..., -1:].astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            straight = np.where(alpha > 0, a[..., :-1] * 65535.0 / alpha, 0.0)
+        a[..., :-1] = np.rint(np.clip(straight, 0, 65535))
+    return a, orientation
+
+
+def _read_with_pillow(path: str) -> tuple[np.ndarray, int, str, int]:
+    """Pixels, bit depth, mode (L, LA, RGB or RGBA) and orientation of all but 16-bit colour."""
     from PIL import Image
 
     with Image.open(path) as img:
-        tile = img.tile[0]
-        args = tile.args
-        args = (rawmode,) + tuple(args[1:]) if isinstance(args, tuple) else rawmode
-        img.tile = [tile._replace(args=args)]
-        img.load()
-        return np.asarray(img).copy()
-
-
-def _rawmode_of(tile) -> str:
-    return tile.args[0] if isinstance(tile.args, tuple) else tile.args
-
-
-def _read_16bit_colour(path: str, img) -> np.ndarray:
-    """uint16 (H, W, C) of a 16-bit RGB/RGBA/grey+alpha file that Pillow would cut to 8 bits."""
-    if len(img.tile) != 1:
-        raise ImageReadError(f"{path}: unsupported 16-bit layout ({len(img.tile)} tiles/strips "
-                             "with different decoders); re-save it as PNG")
-    rawmode = _rawmode_of(img.tile[0])
-    if rawmode == "LA;16B":  # PNG grey+alpha: four bytes per pixel, read them as 8-bit RGBA
-        b = _decode_with_rawmode(path, "RGBA").astype(np.uint16)
-        return np.stack([b[..., 0] * 256 + b[..., 1], b[..., 2] * 256 + b[..., 3]], axis=-1)
-    high = _decode_with_rawmode(path, rawmode).astype(np.uint16)
-    low = _decode_with_rawmode(path, _swap_rawmode(rawmode)).astype(np.uint16)
-    return high * 256 + low
-
-
-def _sixteen_bit_colour(img) -> bool:
-    """True for files whose samples are 16 bit but that Pillow opens in an 8-bit colour mode."""
-    if img.mode not in ("RGB", "RGBA", "LA") or not img.tile:
-        return False
-    rawmode = _rawmode_of(img.tile[0])
-    return isinstance(rawmode, str) and ";16" in rawmode
+        mode = img.mode
+        if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+            arr, depth, mode = np.asarray(img).astype(np.uint16), 16, "L"
+        elif mode == "I":  # 32-bit int container, used by some decoders for 16-bit grey
+            arr = np.asarray(img)
+            if arr.min() < 0 or arr.max() > 65535:
+                raise ImageReadError(f"{path}: 32-bit integer images are not supported")
+            arr, depth, mode = arr.astype(np.uint16), 16, "L"
+        elif mode in ("L", "RGB", "RGBA", "LA"):
+            arr, depth = np.asarray(img), 8
+        elif mode in ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"):
+            has_alpha = mode in ("PA", "RGBa", "La") or "transparency" in img.info
+            if mode == "1":
+                target = "L"
+            else:
+                target = "RGBA" if has_alpha else "RGB"
+            arr, depth, mode = np.asarray(img.convert(target)), 8, target
+        else:
+            raise ImageReadError(f"{path}: unsupported pixel mode {img.mode!r} "
+                                 "(expected 8/16-bit grey, RGB or RGBA)")
+        return arr, depth, mode, _orientation(img)
 
 
 def read_image(path: str | os.PathLike) -> Picture:
@@ -121,40 +191,30 @@ def read_image(path: str | os.PathLike) -> Picture:
 
     Raises :class:`ImageReadError` (or FileNotFoundError) with the reason for anything unreadable.
     """
-    from PIL import Image, UnidentifiedImageError
+    import png
+    from PIL import UnidentifiedImageError
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such image file: {path}")
     try:
-        with Image.open(path) as img:
-            sixteen_colour = _sixteen_bit_colour(img)  # before anything loads (and drops .tile)
-            mode = img.mode
-            if sixteen_colour:
-                arr, depth = _read_16bit_colour(path, img), 16
-                mode = {2: "LA", 3: "RGB", 4: "RGBA"}[arr.shape[-1]]
-            elif mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-                arr, depth = np.asarray(img).astype(np.uint16), 16
-                mode = "L"
-            elif mode == "I":  # 32-bit int container, used by some decoders for 16-bit grey
-                arr = np.asarray(img)
-                if arr.min() < 0 or arr.max() > 65535:
-                    raise ImageReadError(f"{path}: 32-bit integer images are not supported")
-                arr, depth, mode = arr.astype(np.uint16), 16, "L"
-            elif mode in ("L", "RGB", "RGBA", "LA"):
-                arr, depth = np.asarray(img), 8
-            elif mode in ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La"):
-                has_alpha = mode in ("PA", "RGBa", "La") or "transparency" in img.info
-                if mode == "1":
-                    target = "L"
-                else:
-                    target = "RGBA" if has_alpha else "RGB"
-                arr, depth, mode = np.asarray(img.convert(target)), 8, target
-            else:
-                raise ImageReadError(f"{path}: unsupported pixel mode {img.mode!r} "
-                                     "(expected 8/16-bit grey, RGB or RGBA)")
-            orientation = _orientation(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, struct.error, zlib.error, EOFError) as e:
+        with open(path, "rb") as f:
+            magic = f.read(8)
+        sixteen_colour = None
+        if magic == _PNG_SIGNATURE:
+            sixteen_colour = _read_png16_colour(path)
+        elif magic[:4] in _TIFF_MAGIC:
+            sixteen_colour = _read_tiff16_colour(path)
+        if sixteen_colour is not None:
+            (arr, orientation), depth = sixteen_colour, 16
+            mode = _MODES[arr.shape[-1]]
+        else:
+            arr, depth, mode, orientation = _read_with_pillow(path)
+    except ImageReadError:
+        raise
+    # ValueError: tifffile's TiffFileError and numpy; RuntimeError: imagecodecs' decoders
+    except (UnidentifiedImageError, OSError, SyntaxError, struct.error, zlib.error, EOFError,
+            png.Error, ValueError, RuntimeError) as e:
         raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     if arr.ndim == 2:
         arr = arr[..., None]
@@ -182,54 +242,25 @@ def quantize(x: np.ndarray, bit_depth: int) -> np.ndarray:
     return q.astype(np.uint8 if bit_depth == 8 else np.uint16)
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return (struct.pack(">I", len(data)) + kind + data
-            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+def _write_png16(path: str, q: np.ndarray) -> None:
+    """A 16-bit PNG (pypng) of a uint16 (H, W, C) array, C = 2 grey+alpha, 3 RGB, 4 RGBA."""
+    import png
 
-
-def write_png16(path: str, a: np.ndarray) -> None:
-    """A 16-bit PNG of a uint16 (H, W, C) array, C = 1 grey, 2 grey+alpha, 3 RGB, 4 RGBA."""
-    h, w, c = a.shape
-    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
-    rows = a.astype(">u2").reshape(h, w * c).view(np.uint8)
-    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1)  # filter byte 0 per row
-    ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    h, w, c = q.shape
+    writer = png.Writer(w, h, greyscale=c == 2, alpha=c in (2, 4), bitdepth=16)
+    # write_packed takes each row as PNG stores it (big-endian samples); write() would first turn
+    # every sample into a Python int, which doubles the time of a large image
+    rows = q.astype(">u2").reshape(h, w * c).view(np.uint8)
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr)
-                + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + _png_chunk(b"IEND", b""))
+        writer.write_packed(f, rows)
 
 
-def write_tiff16(path: str, a: np.ndarray) -> None:
-    """A baseline little-endian uncompressed 16-bit TIFF of a uint16 (H, W, C) array."""
-    h, w, c = a.shape
-    data = np.ascontiguousarray(a.astype("<u2")).tobytes()
-    bps_offset = 8
-    bps = struct.pack("<" + "H" * c, *([16] * c)) if c > 2 else b""
-    data_offset = bps_offset + len(bps)
-    ifd_offset = data_offset + len(data)
-    ifd_offset += ifd_offset % 2
-    short, long_ = 3, 4
-    entries = [(256, long_, 1, w), (257, long_, 1, h),
-               (258, short, c, bps_offset if c > 2 else None),
-               (259, short, 1, 1),  # no compression
-               (262, short, 1, 2 if c >= 3 else 1),  # RGB or black-is-zero
-               (273, long_, 1, data_offset), (277, short, 1, c), (278, long_, 1, h),
-               (279, long_, 1, len(data)), (284, short, 1, 1)]
-    if c in (2, 4):
-        entries.append((338, short, 1, 2))  # extra sample: unassociated alpha
-    out = bytearray(b"II" + struct.pack("<HI", 42, ifd_offset)) + bps + data
-    out += b"\0" * (ifd_offset - len(out))
-    out += struct.pack("<H", len(entries))
-    for tag, kind, count, value in sorted(entries):
-        if tag == 258 and c <= 2:  # up to two shorts fit in the entry itself
-            out += struct.pack("<HHI", tag, kind, count) + struct.pack("<" + "H" * c, *([16] * c)).ljust(4, b"\0")
-        elif kind == short and count == 1:
-            out += struct.pack("<HHIHH", tag, kind, count, value, 0)
-        else:
-            out += struct.pack("<HHII", tag, kind, count, value)
-    out += struct.pack("<I", 0)
-    with open(path, "wb") as f:
-        f.write(bytes(out))
+def _write_tiff16(path: str, q: np.ndarray) -> None:
+    """An uncompressed 16-bit TIFF (tifffile) of a uint16 (H, W, C) array, C = 3 RGB, 4 RGBA."""
+    import tifffile
+
+    tifffile.imwrite(path, q, photometric="rgb", metadata=None,
+                     extrasamples=("unassalpha",) if q.shape[-1] == 4 else None)
 
 
 def write_image(path: str | os.PathLike, pixels: np.ndarray, alpha: np.ndarray | None = None,
@@ -257,14 +288,17 @@ def write_image(path: str | os.PathLike, pixels: np.ndarray, alpha: np.ndarray |
     q = quantize(planes, bit_depth)
     c = q.shape[-1]
     if bit_depth == 16 and c > 1:
-        if ext != ".png" and c == 2:  # Pillow cannot read 16-bit grey+alpha TIFF: store as RGBA
-            q = q[..., [0, 0, 0, 1]]
-        (write_png16 if ext == ".png" else write_tiff16)(path, q)
+        if ext == ".png":
+            _write_png16(path, q)
+        else:
+            if c == 2:  # Pillow, and so many tools built on it, cannot open 16-bit grey+alpha TIFF
+                q = q[..., [0, 0, 0, 1]]
+            _write_tiff16(path, q)
         return path
     if bit_depth == 16:  # grey: Pillow handles I;16 for PNG and TIFF
         Image.fromarray(q[..., 0]).save(path)
         return path
-    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[c]
+    mode = _MODES[c]
     img = Image.fromarray(q[..., 0] if c == 1 else q)
     if img.mode != mode:
         img = img.convert(mode)

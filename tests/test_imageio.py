@@ -1,13 +1,19 @@
 """flaxrestore.imageio: 8/16-bit grey/RGB/RGBA PNG, JPEG and TIFF, alpha kept aside, bad files.
 
-16-bit colour files are produced here by encoders written in this test (every PNG filter type;
-a deflate + horizontal-predictor TIFF), independent of the writer under test.
+The module reads and writes 16-bit colour with pypng (PNG) and tifffile (TIFF). The files it reads
+here come from elsewhere: encoders written in this test (every PNG filter type; a deflate +
+horizontal-predictor TIFF) and libpng/libtiff through imagecodecs; the files it writes are read
+back by libpng/libtiff. Every 16-bit comparison is of exact uint16 values, so a swapped byte order,
+samples cut to 8 bits, a dropped alpha or reordered channels all fail.
 """
 
 import struct
 import zlib
 
+import imagecodecs
 import numpy as np
+import png
+import tifffile
 import pytest
 from PIL import Image
 
@@ -76,7 +82,7 @@ def tiff16_deflate_predictor(path, a):
 
 def u16(shape):
     a = RNG.integers(0, 65536, shape).astype(np.uint16)
-    a.flat[0] = 257  # a value whose low byte differs from its high byte's 8-bit reduction
+    a.flat[0] = 0x0102  # changed by a byte swap (0x0201) and by a cut to 8 bits (0x0101)
     return a
 
 
@@ -149,6 +155,118 @@ def test_16bit_grey_read_by_pillow_writer(tmp_path):
     np.testing.assert_array_equal(np.rint(pic.pixels[..., 0] * 65535).astype(np.uint16), a)
 
 
+
+def as_u16(x):
+    return np.rint(x * 65535).astype(np.uint16)
+
+
+@pytest.mark.parametrize("channels,alpha", [(3, False), (3, True), (1, True)])
+def test_16bit_colour_png_written_is_read_exactly_by_libpng(tmp_path, channels, alpha):
+    a = u16((9, 13, channels + alpha))
+    path = tmp_path / "w.png"
+    imageio.write_image(path, a[..., :channels] / 65535, a[..., -1] / 65535 if alpha else None, 16)
+    got = imagecodecs.png_decode(path.read_bytes())
+    assert got.dtype == np.uint16 and got.shape == a.shape
+    np.testing.assert_array_equal(got, a)
+
+
+@pytest.mark.parametrize("channels,alpha", [(3, False), (3, True), (1, True)])
+def test_16bit_colour_tiff_written_is_read_exactly_by_libtiff(tmp_path, channels, alpha):
+    a = u16((9, 13, channels + alpha))
+    path = tmp_path / "w.tif"
+    imageio.write_image(path, a[..., :channels] / 65535, a[..., -1] / 65535 if alpha else None, 16)
+    want = a[..., [0, 0, 0, 1]] if channels == 1 else a  # 16-bit grey+alpha TIFF is stored as RGBA
+    got = imagecodecs.tiff_decode(path.read_bytes())
+    assert got.dtype == np.uint16 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    with tifffile.TiffFile(path) as tif:  # alpha marked straight (not premultiplied, not unknown)
+        assert tif.pages[0].extrasamples == ((tifffile.EXTRASAMPLE.UNASSALPHA,) if alpha else ())
+
+
+@pytest.mark.parametrize("channels", [2, 3, 4])
+def test_16bit_png_from_libpng_exact(tmp_path, channels):
+    a = u16((33, 21, channels))
+    path = tmp_path / "l.png"
+    path.write_bytes(imagecodecs.png_encode(a))  # libpng picks a filter per row
+    pic = imageio.read_image(path)
+    colour = 1 if channels == 2 else 3
+    assert pic.bit_depth == 16 and pic.pixels.shape == (33, 21, colour)
+    np.testing.assert_array_equal(as_u16(pic.pixels), a[..., :colour])
+    if channels == 3:
+        assert pic.alpha is None
+    else:
+        np.testing.assert_array_equal(as_u16(pic.alpha), a[..., -1])
+
+
+def test_16bit_interlaced_png_exact(tmp_path):
+    a = u16((11, 9, 4))
+    with open(tmp_path / "i.png", "wb") as f:
+        writer = png.Writer(9, 11, greyscale=False, alpha=True, bitdepth=16, interlace=True)
+        writer.write(f, a.reshape(11, -1))
+    pic = imageio.read_image(tmp_path / "i.png")
+    np.testing.assert_array_equal(as_u16(pic.pixels), a[..., :3])
+    np.testing.assert_array_equal(as_u16(pic.alpha), a[..., 3])
+
+
+LIBTIFF_LAYOUTS = {  # imagecodecs.tiff_encode (libtiff) arguments
+    "lzw": dict(compression="lzw"),
+    "lzw-predictor-bigendian-strips": dict(compression="lzw", predictor=True, byteorder=">",
+                                           rowsperstrip=5),
+    "lzw-planar": dict(compression="lzw", planarconfig="separate"),
+    "packbits": dict(compression="packbits"),
+    "deflate-tiled": dict(compression="deflate", tile=(16, 16)),
+    "uncompressed-strips": dict(rowsperstrip=3),
+}
+
+
+@pytest.mark.parametrize("layout", LIBTIFF_LAYOUTS)
+@pytest.mark.parametrize("channels", [3, 4])
+def test_16bit_colour_tiff_from_libtiff_exact(tmp_path, layout, channels):
+    kwargs = LIBTIFF_LAYOUTS[layout]
+    a = u16((37, 29, channels))  # not a multiple of the strip or tile size
+    planar = kwargs.get("planarconfig") == "separate"
+    path = tmp_path / "l.tif"
+    path.write_bytes(imagecodecs.tiff_encode(np.moveaxis(a, -1, 0) if planar else a,
+                                             photometric="rgb", **kwargs))
+    with tifffile.TiffFile(path) as tif:  # the file is what the test says it is
+        page = tif.pages[0]
+        assert page.compression.name.lower().endswith(kwargs.get("compression", "none"))
+        assert page.is_tiled == ("tile" in kwargs) and (page.planarconfig == 2) == planar
+        if "tile" in kwargs or "rowsperstrip" in kwargs:
+            assert len(page.dataoffsets) > (channels if planar else 1)
+    pic = imageio.read_image(path)
+    assert pic.bit_depth == 16 and pic.pixels.shape == (37, 29, 3)
+    np.testing.assert_array_equal(as_u16(pic.pixels), a[..., :3])
+    if channels == 4:
+        np.testing.assert_array_equal(as_u16(pic.alpha), a[..., 3])
+    else:
+        assert pic.alpha is None
+
+
+def test_16bit_grey_alpha_tiff_from_libtiff(tmp_path):
+    a = u16((7, 5, 2))
+    path = tmp_path / "la.tif"
+    path.write_bytes(imagecodecs.tiff_encode(a, photometric="minisblack", extrasample=2))
+    pic = imageio.read_image(path)  # Pillow cannot open this file at all
+    assert pic.bit_depth == 16 and pic.pixels.shape == (7, 5, 1)
+    np.testing.assert_array_equal(as_u16(pic.pixels[..., 0]), a[..., 0])
+    np.testing.assert_array_equal(as_u16(pic.alpha), a[..., 1])
+
+
+def test_16bit_tiff_premultiplied_alpha_comes_back_straight(tmp_path):
+    colour = u16((6, 8, 3))
+    alpha = RNG.integers(32768, 65536, (6, 8)).astype(np.uint16)
+    alpha[0, 0] = 0
+    stored = np.rint(colour * (alpha[..., None] / 65535.0)).astype(np.uint16)
+    path = tmp_path / "pm.tif"
+    tifffile.imwrite(path, np.dstack([stored, alpha]), photometric="rgb",
+                     extrasamples=("assocalpha",))
+    pic = imageio.read_image(path)
+    np.testing.assert_array_equal(as_u16(pic.alpha), alpha)
+    want = colour / 65535.0
+    want[0, 0] = 0  # no colour survives a zero alpha
+    np.testing.assert_allclose(pic.pixels, want, rtol=0, atol=1.5 / 65535)
+
 def test_jpeg_rgb_and_grey(tmp_path):
     x = np.full((8, 9, 3), 0.5, np.float32)
     x[..., 0] = 0.2
@@ -172,6 +290,18 @@ def test_palette_with_transparency_becomes_rgba(tmp_path):
     np.testing.assert_array_equal(pic.pixels[1, 1], [0, 1, 0])
 
 
+def test_8bit_png_pillow_reads_is_not_refused_by_pypng(tmp_path):
+    a = RNG.integers(0, 256, (3, 4, 4)).astype(np.uint8)
+    Image.fromarray(a).save(tmp_path / "t.png")
+    data = (tmp_path / "t.png").read_bytes()
+    at = data.index(b"IDAT") - 4  # a tRNS chunk, invalid with RGBA: pypng refuses, Pillow ignores it
+    (tmp_path / "t.png").write_bytes(data[:at] + _chunk(b"tRNS", b"\0\1\0\2\0\3") + data[at:])
+    pic = imageio.read_image(tmp_path / "t.png")
+    assert pic.bit_depth == 8
+    np.testing.assert_array_equal(np.rint(pic.pixels * 255), a[..., :3])
+    np.testing.assert_array_equal(np.rint(pic.alpha * 255), a[..., 3])
+
+
 def test_exif_orientation_applied(tmp_path):
     a = RNG.integers(0, 256, (4, 6, 3)).astype(np.uint8)
     img = Image.fromarray(a)
@@ -189,7 +319,8 @@ def test_corrupt_files_raise_clear_errors(tmp_path):
     (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
     (tmp_path / "garbage.png").write_bytes(b"this is not an image at all" * 10)
     (tmp_path / "empty.tif").write_bytes(b"")
-    for name in ("truncated.png", "garbage.png", "empty.tif"):
+    (tmp_path / "no_image.tif").write_bytes(b"II*\0\0\0\0\0")  # a TIFF header, no directory
+    for name in ("truncated.png", "garbage.png", "empty.tif", "no_image.tif"):
         with pytest.raises(imageio.ImageReadError, match=name):
             imageio.read_image(tmp_path / name)
     with pytest.raises(FileNotFoundError):
@@ -200,3 +331,46 @@ def test_quantize_rounds_and_clips():
     np.testing.assert_array_equal(imageio.quantize(np.array([-0.1, 0.5, 1.2, np.nan]), 8),
                                   [0, 128, 255, 0])
     assert imageio.quantize(np.array([1.0]), 16)[0] == 65535
+
+
+def exif_orientation_bytes(value):
+    exif = Image.Exif()
+    exif[0x0112] = value
+    data = exif.tobytes()
+    return data[6:] if data.startswith(b"Exif\0\0") else data  # a PNG eXIf chunk has no prefix
+
+
+@pytest.mark.parametrize("where", ["before IDAT", "after IDAT"])
+def test_exif_orientation_of_16bit_colour_png(tmp_path, where):
+    a = u16((4, 6, 3))
+    path = tmp_path / "o.png"
+    png16_all_filters(path, a)
+    data = path.read_bytes()
+    at = data.index(b"IDAT") - 4 if where == "before IDAT" else data.rindex(b"IEND") - 4
+    path.write_bytes(data[:at] + _chunk(b"eXIf", exif_orientation_bytes(6)) + data[at:])
+    with Image.open(path) as img:
+        assert img.getexif()[0x0112] == 6  # the chunk is well formed
+    pic = imageio.read_image(path)
+    np.testing.assert_array_equal(as_u16(pic.pixels), np.rot90(a, -1))
+
+
+@pytest.mark.parametrize("depth", [8, 16])
+def test_tiff_orientation_tag(tmp_path, depth):
+    top = 2 ** depth - 1
+    a = RNG.integers(0, top + 1, (4, 6, 3)).astype(np.uint8 if depth == 8 else np.uint16)
+    path = tmp_path / "o.tif"
+    tifffile.imwrite(path, a, photometric="rgb", extratags=[(274, "H", 1, 6, True)])
+    pic = imageio.read_image(path)
+    assert pic.bit_depth == depth
+    np.testing.assert_array_equal(np.rint(pic.pixels * top), np.rot90(a, -1))
+
+
+@pytest.mark.parametrize("name", ["t.png", "t.tif"])
+def test_truncated_16bit_colour_raises_clear_error(tmp_path, name):
+    path = tmp_path / name
+    imageio.write_image(path, RNG.random((32, 32, 3)), RNG.random((32, 32)), bit_depth=16)
+    data = path.read_bytes()
+    for cut in (len(data) // 2, len(data) - 8):
+        path.write_bytes(data[:cut])
+        with pytest.raises(imageio.ImageReadError, match=name):
+            imageio.read_image(path)
