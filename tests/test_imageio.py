@@ -1,10 +1,11 @@
 """flaxrestore.imageio: 8/16-bit grey/RGB/RGBA PNG, JPEG and TIFF, alpha kept aside, bad files.
 
-The module reads and writes 16-bit colour with pypng (PNG) and tifffile (TIFF). The files it reads
-here come from elsewhere: encoders written in this test (every PNG filter type; a deflate +
-horizontal-predictor TIFF) and libpng/libtiff through imagecodecs; the files it writes are read
-back by libpng/libtiff. Every 16-bit comparison is of exact uint16 values, so a swapped byte order,
-samples cut to 8 bits, a dropped alpha or reordered channels all fail.
+The module reads and writes 16-bit colour with libpng (imagecodecs) for PNG and tifffile for TIFF.
+The files it reads here come from elsewhere too: encoders written in this test (every PNG filter
+type, plain and Adam7-interlaced; a deflate + horizontal-predictor TIFF) and libtiff; the PNGs it
+writes are read back by a decoder written in this test, the TIFFs by libtiff. Every 16-bit
+comparison is of exact uint16 values, so a swapped byte order, samples cut to 8 bits, a dropped
+alpha or reordered channels all fail.
 """
 
 import struct
@@ -12,7 +13,6 @@ import zlib
 
 import imagecodecs
 import numpy as np
-import png
 import tifffile
 import pytest
 from PIL import Image
@@ -26,8 +26,9 @@ def _chunk(kind, data):
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def png16_all_filters(path, a):
-    """A 16-bit PNG whose rows cycle through filter types 0..4 (None, Sub, Up, Average, Paeth)."""
+def _filtered_rows(a):
+    """The rows of a (sub)image as PNG stores them, cycling through filters 0..4 (None, Sub, Up,
+    Average, Paeth), each row prefixed by its filter type."""
     h, w, c = a.shape
     bpp = 2 * c
     rows = a.astype(">u2").reshape(h, w * c).view(np.uint8).astype(np.int32)
@@ -50,10 +51,68 @@ def png16_all_filters(path, a):
             pa, pb, pc = np.abs(up - upleft), np.abs(left - upleft), np.abs(left + up - 2 * upleft)
             pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
         out.append(bytes([f]) + ((x - pred) % 256).astype(np.uint8).tobytes())
+    return b"".join(out)
+
+
+ADAM7 = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+         (0, 1, 1, 2)]  # the passes of an interlaced PNG: first column and row, column and row step
+
+
+def png16_all_filters(path, a, interlace=False):
+    """A 16-bit PNG whose rows cycle through every filter type; interlaced: each Adam7 pass is a
+    small image of its own (filters start afresh, empty passes are left out)."""
+    h, w, c = a.shape
+    if interlace:
+        passes = [a[y0::dy, x0::dx] for x0, y0, dx, dy in ADAM7]
+        raw = b"".join(_filtered_rows(p) for p in passes if p.size)
+    else:
+        raw = _filtered_rows(a)
     ct = {1: 0, 2: 4, 3: 2, 4: 6}[c]
     with open(path, "wb") as fh:
-        fh.write(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, ct, 0, 0, 0))
-                 + _chunk(b"IDAT", zlib.compress(b"".join(out))) + _chunk(b"IEND", b""))
+        fh.write(b"\x89PNG\r\n\x1a\n"
+                 + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, ct, 0, 0, int(interlace)))
+                 + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b""))
+
+
+def png16_reference_decode(data):
+    """uint16 (H, W, C) of a non-interlaced 16-bit PNG: chunks, inflate, undo each row's filter."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (n,) = struct.unpack_from(">I", data, pos)
+        kind, body = data[pos + 4: pos + 8], data[pos + 8: pos + 8 + n]
+        assert struct.unpack_from(">I", data, pos + 8 + n)[0] == zlib.crc32(kind + body)
+        chunks.append((kind, body))
+        pos += 12 + n
+    assert chunks[0][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
+    w, h, depth, ct, _, _, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert depth == 16 and interlace == 0
+    c = {0: 1, 4: 2, 2: 3, 6: 4}[ct]
+    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    bpp, stride = 2 * c, 2 * c * w
+    assert len(raw) == h * (stride + 1)
+    prev, rows = [0] * stride, []
+    for i in range(h):
+        f, x = raw[i * (stride + 1)], list(raw[i * (stride + 1) + 1: (i + 1) * (stride + 1)])
+        for j in range(stride):
+            left = x[j - bpp] if j >= bpp else 0
+            up, upleft = prev[j], prev[j - bpp] if j >= bpp else 0
+            if f == 1:
+                x[j] += left
+            elif f == 2:
+                x[j] += up
+            elif f == 3:
+                x[j] += (left + up) // 2
+            elif f == 4:
+                p = left + up - upleft
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - upleft)
+                x[j] += left if pa <= pb and pa <= pc else up if pb <= pc else upleft
+            else:
+                assert f == 0
+            x[j] %= 256
+        rows.append(x)
+        prev = x
+    return np.array(rows, np.uint8).view(">u2").astype(np.uint16).reshape(h, w, c)
 
 
 def tiff16_deflate_predictor(path, a):
@@ -160,13 +219,19 @@ def as_u16(x):
     return np.rint(x * 65535).astype(np.uint16)
 
 
+def test_reference_png_decoder_undoes_every_filter(tmp_path):
+    a = u16((11, 7, 4))
+    png16_all_filters(tmp_path / "f.png", a)
+    np.testing.assert_array_equal(png16_reference_decode((tmp_path / "f.png").read_bytes()), a)
+
+
 @pytest.mark.parametrize("channels,alpha", [(3, False), (3, True), (1, True)])
-def test_16bit_colour_png_written_is_read_exactly_by_libpng(tmp_path, channels, alpha):
+def test_16bit_colour_png_written_is_read_exactly_by_reference_decoder(tmp_path, channels, alpha):
     a = u16((9, 13, channels + alpha))
     path = tmp_path / "w.png"
     imageio.write_image(path, a[..., :channels] / 65535, a[..., -1] / 65535 if alpha else None, 16)
-    got = imagecodecs.png_decode(path.read_bytes())
-    assert got.dtype == np.uint16 and got.shape == a.shape
+    got = png16_reference_decode(path.read_bytes())
+    assert got.shape == a.shape
     np.testing.assert_array_equal(got, a)
 
 
@@ -198,14 +263,26 @@ def test_16bit_png_from_libpng_exact(tmp_path, channels):
         np.testing.assert_array_equal(as_u16(pic.alpha), a[..., -1])
 
 
-def test_16bit_interlaced_png_exact(tmp_path):
-    a = u16((11, 9, 4))
-    with open(tmp_path / "i.png", "wb") as f:
-        writer = png.Writer(9, 11, greyscale=False, alpha=True, bitdepth=16, interlace=True)
-        writer.write(f, a.reshape(11, -1))
+@pytest.mark.parametrize("shape", [(11, 9), (3, 2)])  # 3x2: some Adam7 passes are empty
+def test_16bit_interlaced_png_exact(tmp_path, caplog, shape):
+    a = u16(shape + (4,))
+    png16_all_filters(tmp_path / "i.png", a, interlace=True)
     pic = imageio.read_image(tmp_path / "i.png")
     np.testing.assert_array_equal(as_u16(pic.pixels), a[..., :3])
     np.testing.assert_array_equal(as_u16(pic.alpha), a[..., 3])
+    assert not caplog.records  # libpng's note on how imagecodecs calls it is not shown
+
+
+def test_16bit_rgb_png_colour_key_is_ignored_as_for_8bit(tmp_path):
+    a = u16((4, 5, 3))
+    path = tmp_path / "k.png"
+    png16_all_filters(path, a)
+    data = path.read_bytes()
+    at = data.index(b"IDAT") - 4
+    path.write_bytes(data[:at] + _chunk(b"tRNS", a[0, 0].astype(">u2").tobytes()) + data[at:])
+    pic = imageio.read_image(path)  # libpng alone would add an alpha channel, 0 at a[0, 0]
+    assert pic.alpha is None
+    np.testing.assert_array_equal(as_u16(pic.pixels), a)
 
 
 LIBTIFF_LAYOUTS = {  # imagecodecs.tiff_encode (libtiff) arguments
@@ -290,11 +367,11 @@ def test_palette_with_transparency_becomes_rgba(tmp_path):
     np.testing.assert_array_equal(pic.pixels[1, 1], [0, 1, 0])
 
 
-def test_8bit_png_pillow_reads_is_not_refused_by_pypng(tmp_path):
+def test_8bit_rgba_png_with_stray_trns_chunk_is_read(tmp_path):
     a = RNG.integers(0, 256, (3, 4, 4)).astype(np.uint8)
     Image.fromarray(a).save(tmp_path / "t.png")
     data = (tmp_path / "t.png").read_bytes()
-    at = data.index(b"IDAT") - 4  # a tRNS chunk, invalid with RGBA: pypng refuses, Pillow ignores it
+    at = data.index(b"IDAT") - 4  # a tRNS chunk, invalid with RGBA: Pillow ignores it
     (tmp_path / "t.png").write_bytes(data[:at] + _chunk(b"tRNS", b"\0\1\0\2\0\3") + data[at:])
     pic = imageio.read_image(tmp_path / "t.png")
     assert pic.bit_depth == 8
