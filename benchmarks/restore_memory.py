@@ -60,7 +60,7 @@ def _child_untiled(name: str, size: int) -> dict:
     inputs = [jax.ShapeDtypeStruct((1, hp, hp, 3), jnp.float32)]
     if protocol.extra_inputs is not None:
         inputs.append(jax.ShapeDtypeStruct((1, hp, hp, 1), jnp.float32))
-    compiled = forward_jit().lower(graphdef, protocol.select, "float32", state, *inputs).compile()
+    compiled = forward_jit().lower(graphdef, protocol.image, "float32", state, *inputs).compile()
     mem = compiled.memory_analysis()
     total = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
              - mem.alias_size_in_bytes)

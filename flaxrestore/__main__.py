@@ -16,7 +16,6 @@ import argparse
 import glob
 import os
 import sys
-import time
 
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
@@ -110,35 +109,6 @@ def expand_inputs(spec: str) -> list[str]:
     return files
 
 
-class Progress:
-    """A one-line progress bar on stderr (a line per update when stderr is not a terminal)."""
-
-    def __init__(self, total: int, stream=None):
-        self.total, self.done, self.stream = total, 0, stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.start = time.time()
-
-    def show(self, label: str = "", sub: str = ""):
-        width = 24
-        filled = int(width * self.done / max(self.total, 1))
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                f"{time.time() - self.start:6.1f}s {sub} {label}")
-        if self.tty:
-            self.stream.write("\r\033[K" + line[:200])
-        elif not sub:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def step(self, n: int = 1, label: str = ""):
-        self.done += n
-        self.show(label)
-
-    def close(self):
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def _output_path(out_dir: str, path: str) -> str:
     return os.path.join(out_dir, os.path.basename(path))
 
@@ -154,7 +124,7 @@ def run_restore(args) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from flaxrestore import imageio
+    from flaxrestore import imageio, progress
     from flaxrestore.restore import Restorer
 
     inputs = expand_inputs(args.input)
@@ -164,12 +134,11 @@ def run_restore(args) -> int:
     module = load_weights(args.name, args.weights, key=args.key,
                           overrides=parse_overrides(args.config))
     dtype = {"float32": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[args.dtype]
-    progress = Progress(len(inputs))
     try:
         restorer = Restorer(module, tile=args.tile, tile_overlap=args.tile_overlap,
                             ensemble=args.ensemble, dtype=dtype, batch=args.batch,
                             fixed_batch=True,
-                            progress=(lambda i, n: progress.show(sub=f"(tiles {i}/{n})"))
+                            progress=(lambda i, n: pbar.set_postfix_str(f"tiles {i}/{n}"))
                             if args.tile else None)
     except (ValueError, KeyError) as e:
         raise CliError(str(e)) from None
@@ -177,13 +146,14 @@ def run_restore(args) -> int:
         raise CliError(f"{args.name} is a dual-pixel model: give the left views with --input "
                        "and the right views with --right")
     os.makedirs(args.output, exist_ok=True)
+    pbar = progress.bar(len(inputs), desc="restore", unit="image")
     failed: list[tuple[str, str]] = []
     group: list[tuple[str, imageio.Picture, np.ndarray]] = []
 
     def fail(path, reason):
         failed.append((path, reason))
-        progress.stream.write(("\r\033[K" if progress.tty else "") + f"FAILED {path}: {reason}\n")
-        progress.step(label=os.path.basename(path))
+        progress.write(f"FAILED {path}: {reason}", file=sys.stderr)
+        pbar.update()
 
     def flush():
         if not group:
@@ -193,13 +163,12 @@ def run_restore(args) -> int:
             for (path, pic, _), out in zip(group, outs):
                 target = _output_path(args.output, path)
                 imageio.write_image(target, out, pic.alpha, pic.bit_depth)
-                progress.step(label=os.path.basename(path))
+                pbar.update()
         except Exception as e:  # noqa: BLE001 - report, skip, go on with the rest
             for path, _, _ in group:
                 fail(path, f"{type(e).__name__}: {e}")
         group.clear()
 
-    progress.show()
     for i, path in enumerate(inputs):
         try:
             if _same_file(path, _output_path(args.output, path)):
@@ -219,7 +188,7 @@ def run_restore(args) -> int:
             flush()
         group.append((path, pic, x))
     flush()
-    progress.close()
+    pbar.close()
     ok = len(inputs) - len(failed)
     print(f"restored {ok} of {len(inputs)} images into {args.output}"
           + (f"; {len(failed)} failed" if failed else ""), file=sys.stderr)
@@ -228,12 +197,10 @@ def run_restore(args) -> int:
 
 def run_list(args) -> int:
     from flaxrestore import models
-    from flaxrestore.restore import PROTOCOLS
-
     for name in models.names():
         e = models.entry(name)
-        p = PROTOCOLS.get(e.family)
-        how = f"pad to {p.multiple} ({p.pad_mode})" if p else "no restore protocol"
+        p = e.protocol
+        how = f"pad to {p.multiple} ({p.pad_mode})"
         print(f"{name:45s} {how:22s} {e.description}")
     return 0
 

@@ -2,8 +2,8 @@
 
 ``restore(module, image)`` takes a float image in the range the model was trained on ([0, 1] for
 all five families), HxWxC or NxHxWxC, and returns the restored image of the same height and width.
-It applies the protocol of the model's family (table ``PROTOCOLS`` below, taken from the test
-scripts of the originals): pad the bottom/right to the multiple the network needs with the padding
+It applies the calling protocol the model's class declares (``flaxrestore.models.Protocol``,
+taken from the test scripts of the originals): pad the bottom/right to the multiple the network needs with the padding
 mode the scripts use, compute extra inputs (SNR-Aware's SNR map), call the network, pick the
 restored image from its outputs, crop back, clamp to [0, 1].
 
@@ -34,54 +34,7 @@ from flaxrestore import layers, lowering, models
 
 # --------------------------------------------------------------------------------- protocols
 
-
-def _snr_inputs(x: np.ndarray) -> tuple[np.ndarray]:
-    """SNR-Aware's map of the unpadded image, with the model file's own implementation (5x5 box
-    blur with reflect-101 borders, grey of image and blur, light / (|dark - light| + 1e-4),
-    divided by the per-image max + 1e-4, clamped); padded afterwards like the image."""
-    from flaxrestore.models.snr import snr_map
-
-    return (np.asarray(snr_map(jnp.asarray(x)), np.float32),)
-
-
-def _same(out):
-    if isinstance(out, (tuple, list)):
-        raise TypeError("the model returned several outputs; its protocol must say which to use")
-    return out
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@dataclasses.dataclass(frozen=True)
-class Protocol:
-    """How a family is run at test time (see the spec files' test-time sections)."""
-
-    multiple: int  # H and W are padded (bottom/right) to a multiple of this
-    pad_mode: str  # torch padding-mode name: 'reflect' (no edge repeat), 'zeros', 'replicate'
-    select: Callable[[Any], Any] = _same  # the restored image among the network's outputs
-    extra_inputs: Callable[[np.ndarray], tuple[np.ndarray, ...]] | None = None  # from the
-    # unpadded image, spatial maps passed after it; padded, flipped and tiled along with it
-    clamp: bool = True  # every official script clamps the result to [0, 1] before saving
-    note: str = ""
-
-
-PROTOCOLS: dict[str, Protocol] = {
-    "restormer": Protocol(8, "reflect", note="test.py/demo.py: reflect-pad right/bottom to 8, crop; "
-                          "dual-pixel variant takes the channel concat [L, R]"),
-    "mprnet": Protocol(8, "reflect", select=_first,
-                       note="demo.py: reflect-pad to 8, crop; outputs [stage3, stage2, stage1], "
-                            "stage 3 is the result"),
-    "darkir": Protocol(8, "zeros", note="inference.py: zero-pad bottom/right to 8 (the network "
-                       "would pad the same way itself), clamp, crop"),
-    "snr": Protocol(16, "reflect", extra_inputs=_snr_inputs,
-                    note="SNR map from the unpadded input (box blur 5, reflect-101); H, W padded "
-                         "to 16 so the 4x4 patch fold is exact (the original needs 4, exact at 16)"),
-    "aecrnet": Protocol(4, "reflect", note="needs H, W multiples of 4 (the original crashes or "
-                        "grows otherwise): reflect-pad to 4 and crop, a documented extension; "
-                        "tanh output clamped to [0, 1]"),
-}
+Protocol = models.Protocol  # each network class declares its own (``flaxrestore.models``)
 
 
 def family_of(module: nnx.Module) -> str:
@@ -92,14 +45,30 @@ def family_of(module: nnx.Module) -> str:
         if e.cls is cls:
             return e.family
     raise ValueError(f"{cls.__name__} is not a registered model class; pass family=... "
-                     f"(one of {sorted(PROTOCOLS)}) or protocol=...")
+                     f"(one of {models.families()}) or protocol=...")
 
 
 def protocol_for(module: nnx.Module | None = None, family: str | None = None) -> Protocol:
-    family = family or family_of(module)
-    if family not in PROTOCOLS:
-        raise KeyError(f"no test-time protocol for family {family!r}; known: {sorted(PROTOCOLS)}")
-    return PROTOCOLS[family]
+    """The calling protocol of ``module``'s class, or of a registered ``family``."""
+    if family is not None:
+        if family not in models.families():
+            raise KeyError(f"no model family {family!r}; known: {models.families()}")
+        return models.protocol(family)
+    return models.protocol(module)
+
+
+def host_extra_inputs(protocol: Protocol, x: np.ndarray) -> list[np.ndarray]:
+    """The protocol's extra inputs of the unpadded images ``x`` (NHWC), as host arrays."""
+    return [np.asarray(e, np.float32) for e in protocol.inputs(x)[1:]]
+
+
+def pad_to_multiple(a: np.ndarray, protocol: Protocol) -> np.ndarray:
+    """``a`` (NHWC) padded bottom/right to the protocol's multiple with its padding mode."""
+    m = protocol.multiple
+    ph, pw = -a.shape[1] % m, -a.shape[2] % m
+    if not (ph or pw):
+        return a
+    return np.pad(a, ((0, 0), (0, ph), (0, pw), (0, 0)), mode=layers._PAD_MODES[protocol.pad_mode])
 
 
 def input_channels(module: nnx.Module) -> int | None:
@@ -237,16 +206,11 @@ class Restorer:
 
     # -- helpers
     def _call(self, inputs: Sequence[np.ndarray]) -> np.ndarray:
-        return np.asarray(forward_jit()(self.graphdef, self.protocol.select, self.dtype,
+        return np.asarray(forward_jit()(self.graphdef, self.protocol.image, self.dtype,
                                         self.state, *inputs))
 
     def _pad(self, a: np.ndarray) -> np.ndarray:
-        m = self.protocol.multiple
-        ph, pw = -a.shape[1] % m, -a.shape[2] % m
-        if not (ph or pw):
-            return a
-        mode = layers._PAD_MODES[self.protocol.pad_mode]
-        return np.pad(a, ((0, 0), (0, ph), (0, pw), (0, 0)), mode=mode)
+        return pad_to_multiple(a, self.protocol)
 
     def _run_padded(self, inputs: list[np.ndarray]) -> np.ndarray:
         """Runs the network over padded NHWC inputs, whole or in blended tiles."""
@@ -311,7 +275,7 @@ class Restorer:
             else:
                 raise ValueError(f"{self.family} takes {want} input channels, the image has {c}"
                                  + (" (dual-pixel: pass (left, right))" if want == 6 else ""))
-        extras = list(self.protocol.extra_inputs(x)) if self.protocol.extra_inputs else []
+        extras = host_extra_inputs(self.protocol, x)
         if self.ensemble:
             out = None
             for k in range(8):

@@ -342,9 +342,10 @@ def _diff(what, flax32, torch32, torch64=None, scale=None, *, output=True, cls=D
 def default_size(name: str) -> tuple[int, int]:
     """A small non-square size the model accepts; odd for models that take any size (DarkIR),
     so that their own internal padding is exercised too."""
-    m = getattr(models.entry(name).cls, "size_multiple", 8)
-    if m == 1:
+    protocol = models.entry(name).protocol
+    if protocol.any_size:
         return 13, 21
+    m = protocol.multiple
     return 2 * m if m >= 8 else 16, 3 * m if m >= 8 else 24
 
 

@@ -132,7 +132,7 @@ def test_reference_state_dict_matches_release():
 def test_registry_and_init():
     assert NAME in models.names()
     m = models.create_abstract(NAME)
-    assert isinstance(m, A.AECRNet) and A.AECRNet.size_multiple == 4
+    assert isinstance(m, A.AECRNet) and A.AECRNet.protocol.multiple == 4
     n_params = sum(v.size for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
     assert n_params == 2_614_229
     assert isinstance(m.deconv.running_deconv, nnx.BatchStat)

@@ -103,7 +103,7 @@ def test_registry_lists_the_three_releases():
         assert (cfg.n_feat, cfg.scale_unetfeats, cfg.scale_orsnetfeats) == widths
         assert (cfg.in_c, cfg.out_c, cfg.num_cab, cfg.kernel_size, cfg.reduction, cfg.bias) == \
             (3, 3, 8, 3, 4, False)
-    assert M.MPRNet.size_multiple == 8
+    assert M.MPRNet.protocol.multiple == 8
     assert reference.release_key("mprnet:deblurring") == "state_dict"
     (x,) = M.MPRNet.example_inputs(models.get_config("mprnet:deraining"), 2, 16, 24,
                                    np.random.default_rng(0))

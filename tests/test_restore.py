@@ -22,7 +22,7 @@ from flax import nnx
 import flaxrestore
 from flaxrestore import checkpoints, imageio, layers, models
 from flaxrestore import __main__ as cli
-from flaxrestore.restore import PROTOCOLS, Protocol, Restorer
+from flaxrestore.restore import Protocol, Restorer
 
 RNG = np.random.default_rng(0)
 
@@ -285,7 +285,7 @@ def test_tiles_and_ensemble_on_real_networks_match_torch(case):
 @pytest.mark.parametrize("family", sorted(SMALL))
 def test_one_tile_equals_untiled_and_the_protocol(family):
     ref, module = small_pair(family)
-    assert PROTOCOLS[family].multiple == SMALL[family][2]
+    assert models.protocol(family).multiple == SMALL[family][2]
     x = RNG.uniform(0.05, 0.6, (1, 21, 27, 3)).astype(np.float32)  # odd sizes
     expected = torch_protocol(family, ref, x)
     untiled = flaxrestore.restore(module, x)
@@ -310,7 +310,7 @@ def _snr_map_float64(x):
 
 def test_snr_map_protocol():
     x = RNG.random((2, 19, 23, 3), dtype=np.float32) * 0.3
-    (got,) = PROTOCOLS["snr"].extra_inputs(x)
+    (got,) = models.protocol("snr").extra_inputs(x)
     assert got.shape == (2, 19, 23, 1)
     # float32 rounding of the blur is amplified by 1/(noise + 1e-4): compare relatively
     np.testing.assert_allclose(got, _snr_map_float64(x), rtol=1e-3, atol=1e-6)

@@ -244,7 +244,7 @@ def _small_module(seed=0):
 
 def test_sizes():
     module = _small_module()
-    assert S.SNRNet.size_multiple == 16
+    assert S.SNRNet.protocol.multiple == 16
     with pytest.raises(ValueError, match="divisible by 4"):
         module(jnp.zeros((1, 30, 32, 3)))
     with pytest.raises(ValueError, match="3 input channels"):

@@ -33,7 +33,7 @@ from porting import convert, reference  # noqa: E402
 from porting.reference import losses as TL  # noqa: E402
 from porting.reference import snr as TS  # noqa: E402
 from porting.reference.vgg import VGG19Features  # noqa: E402
-from train import loop, schedules  # noqa: E402
+from train import checkpointing, schedules  # noqa: E402
 from train import recipe as recipe_lib  # noqa: E402
 from train import step as step_lib  # noqa: E402
 from train.recipe import LossTerm  # noqa: E402
@@ -85,8 +85,8 @@ def _recipe(family, vgg_path, dtype="float32"):
 
 def _batch(recipe):
     """The first batch of the recipe's own pipeline (train.data, demo images)."""
-    cfg = loop.data_config(recipe, recipe.data)
-    item = next(loop.data_module(recipe).make_train_iterator(cfg, batch_size=recipe.batch_size,
+    cfg = recipe_lib.data_config(recipe, recipe.data)
+    item = next(recipe_lib.data_module(recipe).make_train_iterator(cfg, batch_size=recipe.batch_size,
                                                              seed=recipe.seed))
     return {k: np.asarray(item[k], np.float32) for k in ("lq", "gt")}
 
@@ -258,7 +258,7 @@ def test_family_step_matches_torch_and_bfloat16(family, vgg):
     _, new16, metrics16, _, grads16 = run_step(recipe16, batch)
     for part in ("params", "opt_state", "model_state"):
         assert _floating_dtypes(new16[part]) <= {np.dtype(np.float32)}, part
-    assert _floating_dtypes(loop.host_state(new16)) == {np.dtype(np.float32)}  # checkpointed
+    assert _floating_dtypes(checkpointing.host_state(new16)) == {np.dtype(np.float32)}  # checkpointed
     rel = abs(float(metrics16["loss"]) - loss) / abs(loss)
     a, b = _flat(grads16), _flat(grads)
     cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

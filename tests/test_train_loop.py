@@ -96,10 +96,10 @@ def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, env):
     assert "last good checkpoint (step 6)" in res.stderr
     steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert steps[-1] == 6, steps
-    from train import loop, recipe as recipe_lib
+    from train import checkpointing, recipe as recipe_lib
 
     recipe = recipe_lib.load("restormer_demo", overrides)
-    step, state, _, _ = loop.load_checkpoint(recipe, str(tmp_path), "latest")
+    step, state, _, _ = checkpointing.load_checkpoint(recipe, str(tmp_path), "latest")
     assert step == 6
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(state["params"])))
 
@@ -146,11 +146,11 @@ print("CLI DONE")
 
 def _val_psnr_by_hand(module, recipe, n):
     """Mean PSNR of ``module`` on the first ``n`` validation tiles, in numpy (clamped output,
-    data range 1, no border, RGB): independent of train.loop.Evaluator and flaxrestore.metrics."""
-    from train import loop
+    data range 1, no border, RGB): independent of train.evaluation.Evaluator and flaxrestore.metrics."""
+    from train import evaluation
 
     values = []
-    for item in loop.load_val_set(recipe)[:n]:
+    for item in evaluation.load_val_set(recipe)[:n]:
         y = np.clip(np.asarray(module(item["lq"][None]))[0], 0.0, 1.0).astype(np.float64)
         mse = np.mean((y - item["gt"].astype(np.float64)) ** 2)
         values.append(10.0 * np.log10(1.0 / mse))
@@ -171,7 +171,7 @@ def test_run_features_and_command_lines(tmp_path, env):
       from the exported model, and differs from the raw weights' PSNR.
     """
     from flaxrestore import checkpoints
-    from train import loop, recipe as recipe_lib
+    from train import checkpointing, recipe as recipe_lib, step as step_lib
 
     workdir, out = tmp_path / "run", tmp_path / "exported_best"
     e = dict(env, TRAIN_ROWS_LOG=str(tmp_path / "rows"))
@@ -198,7 +198,7 @@ def test_run_features_and_command_lines(tmp_path, env):
     weights = lambda d: jax.tree.map(np.asarray, checkpoints.weights_state(checkpoints.load_model(d)))  # noqa: E731
 
     def state_of(step):
-        return jax.device_get(loop.load_checkpoint(recipe, str(workdir), str(step))[1])
+        return jax.device_get(checkpointing.load_checkpoint(recipe, str(workdir), str(step))[1])
 
     last, at_best = state_of(6), state_of(best)
     for exported, state in ((workdir / "export" / "final", last),
@@ -217,7 +217,7 @@ def test_run_features_and_command_lines(tmp_path, env):
     by_hand = _val_psnr_by_hand(final, recipe, 2)
     assert abs(ev["psnr"] - by_hand) < 1e-3, (ev, by_hand)
     assert abs(ev["psnr"] - val[6]) < 1e-6  # and what the run logged (same function)
-    model = loop.step_lib.build_model(recipe)
+    model = step_lib.build_model(recipe)
     raw = _val_psnr_by_hand(model.module(last["params"], last["model_state"]), recipe, 2)
     assert abs(raw - by_hand) > 1e-3, (raw, by_hand)
 

@@ -71,7 +71,12 @@ def test_darkir_loss():
     want = L.darkir_loss(side, out, gt, vgg)
     got = _ours(r, step_lib.Outputs(out, (out,), side), gt, lq, vgg)
     assert got == pytest.approx(float(want), rel=1e-6)
-    assert r.forward == "side"
+    assert step_lib.wants_side_output(r)  # so the train step asks DarkIR for its side output
+    assert not step_lib.wants_side_output(recipe_lib.load("restormer_demo"))
+    with pytest.raises(ValueError, match="side output, which restormer"):
+        recipe_lib.apply_overrides(recipe_lib.load("restormer_demo"),
+                                   ["losses=({'kind': 'l1', 'outputs': 'side'},)"]).validate(
+            num_devices=1, process_count=1)
 
 
 @pytest.mark.parametrize("name,w", [("snr_lolv1", 0.0), ("snr_lolv2_real", 0.1),

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
                                 ("process_id", args.process_id)) if v is not None}
         jax.distributed.initialize(**kw)
 
-    from train import loop, recipe as recipe_lib
+    from train import checkpointing, evaluation, logs, loop, recipe as recipe_lib
 
     recipe = recipe_lib.load(args.config, args.overrides)
     if args.command == "show":
@@ -114,15 +114,15 @@ def main(argv=None) -> int:
             return 3
         return 0
     if args.command == "evaluate":
-        values = loop.evaluate(recipe, args.workdir, which=args.checkpoint)
-        if loop.is_main_process():
+        values = evaluation.evaluate(recipe, args.workdir, which=args.checkpoint)
+        if logs.is_main_process():
             print(json.dumps(values))
         return 0
     if args.command == "export":
         if not args.out:
             _parser().error("export needs --out")
-        path = loop.export_checkpoint(recipe, args.workdir, args.out, which=args.checkpoint)
-        if loop.is_main_process():
+        path = checkpointing.export_checkpoint(recipe, args.workdir, args.out, which=args.checkpoint)
+        if logs.is_main_process():
             print(f"wrote {path}; convert with: python -m porting export {recipe.model} {path} "
                   f"OUT.pth")
         return 0

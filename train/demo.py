@@ -27,13 +27,12 @@ import numpy as np
 def _save_images(workdir: str, recipe, model, state, count: int = 3) -> list[str]:
     from PIL import Image
 
-    from train import loop
+    from train import checkpointing, evaluation, step as step_lib
 
-    mesh = loop.step_lib.make_mesh()
-    val = loop.load_val_set(recipe)[:count]
-    evaluator = loop.Evaluator(recipe, model, mesh, val)
-    params = state["ema"] if recipe.ema_decay > 0 else state["params"]
-    outs = evaluator.restore_all(params, state["model_state"])
+    mesh = step_lib.make_mesh()
+    val = evaluation.load_val_set(recipe)[:count]
+    evaluator = evaluation.Evaluator(recipe, model, mesh, val)
+    outs = evaluator.restore_all(checkpointing.eval_params(recipe, state), state["model_state"])
     os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
     paths = []
     for item, out in zip(val, outs):
@@ -54,7 +53,7 @@ def _export_and_verify(workdir: str, recipe) -> tuple[str, float]:
     import porting
     from flaxrestore import checkpoints
     from porting import reference
-    from train import loop
+    from train import evaluation
 
     module = checkpoints.load_model(os.path.join(workdir, "export", "final"))
     path = os.path.join(workdir, f"{recipe.model.replace(':', '_')}_demo.pth")
@@ -64,16 +63,16 @@ def _export_and_verify(workdir: str, recipe) -> tuple[str, float]:
     state = torch.load(path, map_location="cpu", weights_only=True)["params"]
     ref.load_state_dict(state, strict=True)
     ref.eval()
-    from flaxrestore.restore import protocol_for
+    from flaxrestore import models
 
-    protocol = protocol_for(module)
-    item = loop.load_val_set(recipe)[0]
+    protocol = models.protocol(module)
+    item = evaluation.load_val_set(recipe)[0]
     x = item["lq"][None]  # NHWC; the demo images' sides are multiples of 16
-    inputs = [x, *(protocol.extra_inputs(x) if protocol.extra_inputs else ())]
+    inputs = [np.asarray(a, np.float32) for a in protocol.inputs(x)]
     module.eval()
-    ours = np.asarray(protocol.select(module(*inputs)))
+    ours = np.asarray(protocol.image(module(*inputs)))
     with torch.no_grad():
-        theirs = protocol.select(ref(*[torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+        theirs = protocol.image(ref(*[torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
                                        for a in inputs]))
     theirs = theirs.numpy().transpose(0, 2, 3, 1)
     rel = float(np.max(np.abs(ours - theirs)) / max(1.0, float(np.max(np.abs(theirs)))))

@@ -247,8 +247,7 @@ def _io_shapes(recipe, model, patch: int):
     cin = int(example[0].shape[-1])
 
     def fwd(x):
-        return step_lib.run_forward(model.module(model.params, train=False), x, recipe.forward,
-                                    train=False).main
+        return step_lib.run_forward(model.module(model.params, train=False), x).main
 
     out = jax.eval_shape(fwd, jax.ShapeDtypeStruct((1, patch, patch, cin), jnp.float32))
     return cin, int(out.shape[-1])

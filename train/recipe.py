@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 from train.schedules import OptimizerConfig, ScheduleConfig
 
 __all__ = ["LossTerm", "MixupConfig", "OptimizerConfig", "Recipe", "ScheduleConfig", "Stage",
-           "apply_overrides", "list_configs", "load"]
+           "apply_overrides", "data_config", "data_module", "list_configs", "load"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +75,6 @@ class Recipe:
     # model: a registry name and overrides of its config fields (tiny widths for demos)
     model: str = "restormer:motion_deblurring"
     model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    # how the model is called: 'image' model(lq); 'side' model(lq, side_loss=True) -> (side, out)
-    # while training (DarkIR); 'snr' model(lq, snr_map(lq)) (SNR-Aware)
-    forward: str = "image"
     # keyword arguments of train.data.DataConfig for training and validation
     data: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     val_data: Mapping[str, Any] | None = None
@@ -141,8 +138,15 @@ class Recipe:
                 problems.append(f"stage patch {s.patch_size} exceeds the loaded patch {patch}")
         if self.stages and [s.until for s in self.stages] != sorted(s.until for s in self.stages):
             problems.append("stage boundaries must increase")
-        if self.forward not in ("image", "side", "snr"):
-            problems.append(f"unknown forward {self.forward!r} (image, side, snr)")
+        for t in self.losses:
+            if t.outputs not in ("main", "all", "side"):
+                problems.append(f"loss term {t.kind}: unknown outputs {t.outputs!r} (main, all, side)")
+            elif t.outputs == "side" and t.weight:
+                from flaxrestore import models
+
+                if models.protocol(self.model).side_output is None:
+                    problems.append(f"loss term {t.kind} reads a side output, which "
+                                    f"{self.model} does not have")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             problems.append(f"unknown dtype {self.dtype!r}")
         if problems:
@@ -246,6 +250,19 @@ def apply_overrides(recipe: Recipe, overrides: Sequence[str]) -> Recipe:
             raise ValueError(f"--set expects key=value, got {item!r}")
         recipe = _set(recipe, key.strip().split("."), parse_value(text.strip()))
     return recipe
+
+
+def data_module(recipe: Recipe) -> types.ModuleType:
+    """The module that provides the recipe's data (``DataConfig``, ``make_train_iterator``,
+    ``make_val_dataset``): ``train.data`` unless the recipe names another."""
+    return importlib.import_module(recipe.data_module)
+
+
+def data_config(recipe: Recipe, fields: Mapping[str, Any]):
+    """``fields`` (``recipe.data`` or ``recipe.val_data``) as the data module's ``DataConfig``."""
+    if dataclasses.is_dataclass(fields):
+        return fields
+    return data_module(recipe).DataConfig(**dict(fields))
 
 
 def to_dict(recipe: Recipe) -> dict:

@@ -117,6 +117,14 @@ def build_model(recipe: Recipe, seed: int | None = None) -> ModelDef:
                     nnx.to_pure_dict(rest), type(module))
 
 
+def setup(recipe: Recipe, devices: Sequence[jax.Device] | None = None):
+    """(mesh, model, optimizer) of a run of ``recipe`` on ``devices`` (all by default), after
+    checking that the recipe suits that many devices and hosts."""
+    mesh = make_mesh(devices)
+    recipe.validate(num_devices=mesh.size, process_count=jax.process_count())
+    return mesh, build_model(recipe), schedules.make_optimizer(recipe.optimizer)
+
+
 def split_module(module: nnx.Module) -> tuple[dict, dict]:
     _, params, rest = nnx.split(module, nnx.Param, ...)
     return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
@@ -141,14 +149,23 @@ class Outputs:
     side: jax.Array | None = None
 
 
-def run_forward(module: nnx.Module, lq: jax.Array, mode: str, train: bool) -> Outputs:
-    if mode == "side" and train:
-        side, out = module(lq, side_loss=True)
-        return Outputs(out, (out,), side)
-    out = module(lq)
-    if isinstance(out, (tuple, list)):
-        return Outputs(out[0], tuple(out))
-    return Outputs(out, (out,))
+def wants_side_output(recipe: Recipe) -> bool:
+    """Whether a loss term of the recipe reads the model's training side output."""
+    return any(t.weight and t.outputs == "side" for t in recipe.losses)
+
+
+def run_forward(module: nnx.Module, lq: jax.Array, *, side: bool = False) -> Outputs:
+    """The model on ``lq`` through its calling protocol (extra inputs, which output is the
+    image); ``side=True`` also asks for the training side output the protocol names."""
+    protocol = models.protocol(module)
+    inputs = protocol.inputs(lq)
+    if side:
+        if protocol.side_output is None:
+            raise ValueError(f"{type(module).__name__} has no side output")
+        side_out, out = module(*inputs, **{protocol.side_output: True})
+        return Outputs(out, (out,), side_out)
+    images = tuple(protocol.images(module(*inputs)))
+    return Outputs(images[0], images)
 
 
 LossFn = Callable[..., jax.Array]
@@ -203,7 +220,8 @@ def make_loss(recipe: Recipe) -> Callable[[Outputs, jax.Array, jax.Array, Any],
                 preds = list(outs.all)
             elif t.outputs == "side":
                 if outs.side is None:
-                    raise ValueError(f"loss term {t.kind} wants the side output; set forward='side'")
+                    raise ValueError(f"loss term {t.kind} wants the side output, which the "
+                                     "forward did not ask for")
                 factor = gt.shape[1] // outs.side.shape[1]
                 preds = [flosses.upsample_nearest(outs.side, factor)]
             else:
@@ -350,6 +368,7 @@ def make_train_step(recipe: Recipe, model: ModelDef, tx: optax.GradientTransform
     compute = jnp.dtype(recipe.dtype)
     base_key = jax.random.key(recipe.seed)
     ema_decay = float(recipe.ema_decay)
+    side = wants_side_output(recipe)
 
     def step(state, batch, frozen):
         t = state["step"]
@@ -362,7 +381,7 @@ def make_train_step(recipe: Recipe, model: ModelDef, tx: optax.GradientTransform
             p = _cast_floating(params, compute) if compute != jnp.float32 else params
             module = model.module(p, state["model_state"], train=True)
             with flayers.rematerialize(recipe.remat):
-                outs = run_forward(module, lq.astype(compute), recipe.forward, train=True)
+                outs = run_forward(module, lq.astype(compute), side=side)
             loss, parts = loss_fn(outs, gt, lq, vgg)
             _, rest = split_module(module)
             return loss, (parts, rest)
@@ -395,10 +414,7 @@ def make_eval_fn(recipe: Recipe, model: ModelDef, mesh) -> Callable:
     """``fn(params, model_state, inputs) -> restored`` (the main output, float32), jitted; the
     ``inputs`` tuple (image, then any extra maps) is sharded on 'data', the result replicated."""
     compute = jnp.dtype(recipe.dtype)
-    from flaxrestore import restore as frestore
-
-    family = models.entry(recipe.model).family
-    select = frestore.protocol_for(family=family).select
+    select = models.protocol(recipe.model).image
 
     def fn(params, model_state, inputs):
         p = _cast_floating(params, compute) if compute != jnp.float32 else params

@@ -3,6 +3,11 @@
 Each model file calls :func:`register` for its released variants. A variant's config is a frozen
 dataclass whose fields are the keyword arguments of the original torch class, so the torch
 reference is built with ``TorchClass(**dataclasses.asdict(config))``.
+
+Each network class declares how it is called in a class attribute ``protocol`` (a
+:class:`Protocol`): the padding its test scripts apply, its extra inputs, which output is the
+image, its training side output. Restoring (``flaxrestore.restore``), evaluation and training
+(``train/``) all read that one declaration.
 """
 
 from __future__ import annotations
@@ -10,9 +15,55 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """How a family's network is called, at test time and in training.
+
+    ``multiple``/``pad_mode``: the official test scripts pad H and W (bottom/right) to a multiple
+    of ``multiple`` with this torch padding mode ('reflect' without edge repeat, 'zeros',
+    'replicate') and crop the result back. ``any_size``: the network accepts any H, W itself
+    (it pads internally), so the multiple is what its scripts do, not a requirement.
+    ``extra_inputs``: maps computed from the unpadded image (jax-traceable), passed to the
+    network after it; they are padded, flipped and tiled along with the image.
+    ``outputs``: 'image' (the network returns the restored image) or 'stages' (a list of images,
+    the restored one first: MPRNet). ``side_output``: the keyword that makes the training forward
+    return ``(side, image)`` with a low-resolution side output (DarkIR's ``side_loss``).
+    ``clamp``: the scripts clamp the result to [0, 1] before saving.
+    """
+
+    multiple: int
+    pad_mode: str
+    any_size: bool = False
+    extra_inputs: Callable[[Any], tuple[Any, ...]] | None = None
+    outputs: str = "image"
+    side_output: str | None = None
+    clamp: bool = True
+    note: str = ""
+
+    def __post_init__(self):
+        if self.outputs not in ("image", "stages"):
+            raise ValueError(f"outputs must be 'image' or 'stages', got {self.outputs!r}")
+
+    def inputs(self, x) -> tuple:
+        """The network's inputs for image batch ``x`` (NHWC): ``x`` and its extra inputs."""
+        return (x, *self.extra_inputs(x)) if self.extra_inputs else (x,)
+
+    def images(self, out) -> Sequence:
+        """Every image output of the network, the restored image first."""
+        if self.outputs == "stages":
+            return tuple(out)
+        if isinstance(out, (tuple, list)):
+            raise TypeError("the model returned several outputs; its protocol must say which to use")
+        return (out,)
+
+    def image(self, out):
+        """The restored image among the network's outputs."""
+        return self.images(out)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +76,10 @@ class Entry:
     @property
     def family(self) -> str:
         return self.name.split(":", 1)[0]
+
+    @property
+    def protocol(self) -> Protocol:
+        return self.cls.protocol
 
 
 _REGISTRY: dict[str, Entry] = {}
@@ -43,6 +98,9 @@ _loaded = False
 def register(name: str, cls: type, config: Any, description: str = "") -> None:
     if name in _REGISTRY and _REGISTRY[name].cls is not cls:
         raise ValueError(f"model name {name!r} registered twice")
+    if not isinstance(getattr(cls, "protocol", None), Protocol):
+        raise TypeError(f"{cls.__name__} declares no calling protocol (class attribute "
+                        "`protocol = Protocol(...)`)")
     _REGISTRY[name] = Entry(name, cls, config, description)
 
 
@@ -84,6 +142,18 @@ def entry(name: str) -> Entry:
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise KeyError(f"unknown model {name!r}.{hint} Known: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
+
+
+def protocol(model: str | nnx.Module) -> Protocol:
+    """The calling protocol of a registered model name or family, or of a model instance."""
+    if isinstance(model, str):
+        _load_all()
+        family = [e for e in _REGISTRY.values() if e.family == model]
+        return family[0].protocol if family else entry(model).protocol
+    p = getattr(type(model), "protocol", None)
+    if not isinstance(p, Protocol):
+        raise ValueError(f"{type(model).__name__} declares no calling protocol; pass protocol=...")
+    return p
 
 
 def get_config(name: str, **overrides):

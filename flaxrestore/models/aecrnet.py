@@ -27,7 +27,7 @@ from flax import nnx
 
 from flaxrestore import layers
 from flaxrestore.layers import Conv2d, ConvTranspose2d, FastDeconv, ModulatedDeformConv2d, Sequential
-from flaxrestore.models import register
+from flaxrestore.models import Protocol, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +130,9 @@ class Mix(nnx.Module):
 
 
 class AECRNet(nnx.Module):
-    size_multiple = 4
+    # H, W must be multiples of 4 (the original crashes or grows otherwise): reflect-pad to 4
+    # and crop is this port's documented extension; the tanh output is clamped to [0, 1]
+    protocol = Protocol(4, "reflect")
 
     def __init__(self, config: AECRNetConfig = AECRNetConfig(), *, rngs: nnx.Rngs):
         cfg = self.config = config

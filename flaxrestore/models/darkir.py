@@ -21,7 +21,7 @@ from flax import nnx
 
 from flaxrestore import layers
 from flaxrestore.layers import Conv2d, Sequential
-from flaxrestore.models import register
+from flaxrestore.models import Protocol, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,8 +186,9 @@ class CustomSequential(nnx.Module):
 
 
 class DarkIR(nnx.Module):
-    # any H, W: the network pads to padder_size itself (zeros, bottom/right) and crops back
-    size_multiple = 1
+    # any H, W: the network pads to padder_size itself (zeros, bottom/right) and crops back;
+    # inference.py zero-pads to 8 all the same. Training adds the 1/8-scale side output.
+    protocol = Protocol(8, "zeros", any_size=True, side_output="side_loss")
 
     def __init__(self, config: DarkIRConfig = DarkIRConfig(), *, rngs: nnx.Rngs):
         cfg = self.config = config

@@ -24,7 +24,7 @@ from flax import nnx
 
 from flaxrestore import layers
 from flaxrestore.layers import Conv2d, PReLU, Sequential
-from flaxrestore.models import register
+from flaxrestore.models import Protocol, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +253,8 @@ def _split(x, n: int):
 
 
 class MPRNet(nnx.Module):
-    size_multiple = 8
+    # demo.py: reflect-pad to 8, crop; outputs [stage 3, stage 2, stage 1], stage 3 the result
+    protocol = Protocol(8, "reflect", outputs="stages")
 
     def __init__(self, config: MPRNetConfig = MPRNetConfig(), *, rngs: nnx.Rngs):
         cfg = self.config = config

@@ -15,7 +15,7 @@ from flax import nnx
 
 from flaxrestore import layers
 from flaxrestore.layers import Conv2d, Sequential
-from flaxrestore.models import register
+from flaxrestore.models import Protocol, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +145,9 @@ class Upsample(nnx.Module):
 
 
 class Restormer(nnx.Module):
-    size_multiple = 8
+    # test.py / demo.py: reflect-pad bottom/right to 8, crop; the dual-pixel variant takes the
+    # channel concatenation [left, right]
+    protocol = Protocol(8, "reflect")
 
     def __init__(self, config: RestormerConfig = RestormerConfig(), *, rngs: nnx.Rngs):
         cfg = self.config = config

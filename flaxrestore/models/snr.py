@@ -11,7 +11,7 @@ the patch's mean SNR is <= 0.5). The SNR map blends them (high SNR -> local bran
 residual blocks, two PixelShuffle upsamplers with skips, and a global residual.
 
 Sizes. H and W must be multiples of 4 (the original fails on its skip concatenations
-otherwise; here a ValueError says so). They should be multiples of 16 (``size_multiple``): when
+otherwise; here a ValueError says so). They should be multiples of 16 (``SNRNet.protocol.multiple``): when
 H/4 or W/4 is not a multiple of 4, the original drops the remainder rows/columns of the quarter
 feature map before the transformer and leaves the transformer output there zero. That behaviour
 is reproduced exactly, not corrected. :func:`restore` pads an image to a multiple of 16 and crops.
@@ -35,7 +35,7 @@ from flax import nnx
 
 from flaxrestore import layers
 from flaxrestore.layers import Conv2d, Sequential
-from flaxrestore.models import register
+from flaxrestore.models import Protocol, register
 
 PATCH = 4  # transformer tokens are 4x4 patches of the quarter-resolution features
 MASK_THRESHOLD = 0.5  # a key patch is attended to iff its mean SNR is > 0.5
@@ -258,7 +258,9 @@ def patch_key_valid(mask_q: jax.Array) -> jax.Array:
 class SNRNet(nnx.Module):
     """The SNR-aware low-light network (``low_light_transformer``). NHWC in and out."""
 
-    size_multiple = 16
+    # the SNR map comes from the unpadded input (box blur 5, reflect-101); H, W padded to 16 so
+    # the 4x4 patch fold is exact (the original needs 4, exact at 16)
+    protocol = Protocol(16, "reflect", extra_inputs=lambda x: (snr_map(x),))
 
     def __init__(self, config: SNRConfig = SNRConfig(), *, rngs: nnx.Rngs):
         cfg = self.config = config
@@ -341,7 +343,7 @@ class SNRNet(nnx.Module):
 
 
 def restore(model: SNRNet, x: jax.Array, mask: jax.Array | None = None, *,
-            multiple: int = SNRNet.size_multiple, pad_mode: str = "reflect") -> jax.Array:
+            multiple: int = SNRNet.protocol.multiple, pad_mode: str = "reflect") -> jax.Array:
     """Runs ``model`` on images of any size: pads bottom/right to ``multiple`` and crops back.
 
     The SNR map is computed at the original size (when not given), then padded like the image,

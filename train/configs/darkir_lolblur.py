@@ -30,7 +30,7 @@ LOSSES = (
 def get_config(arg=None):
     return Recipe(
         name="darkir_lolblur", description="DarkIR-m LOLBlur low-light deblurring",
-        model="darkir:m", forward="side",
+        model="darkir:m",
         data=dict(kind="lolblur", root=None, patch_size=256, geometric_augs=True,
                   augment_mode="hvflip", pad_mode="constant", num_workers=0),
         val_data=dict(kind="lolblur", root=None, patch_size=None),
