@@ -1,9 +1,11 @@
 """Converter, checkpoint reading and the porting CLI, on Restormer."""
 
 import os
+import json
 import pickle
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -203,9 +205,35 @@ def test_weights_of_another_family_are_named():
 
 # ---- command line, end to end on a real-size variant ----
 
-def _run(*args):
-    return subprocess.run([sys.executable, "-m", "porting", *map(str, args)],
+# Runs several `python -m porting` commands in one fresh process (one import of torch and jax
+# instead of one per command), each through the module's command-line entry point; prints
+# one JSON line per command: exit status, stdout, stderr.
+_CLI_SCRIPT = r"""
+import contextlib, io, json, runpy, sys
+for args in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = ["porting", *args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_module("porting", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    print("RESULT " + json.dumps({"returncode": code, "stdout": out.getvalue(),
+                                  "stderr": err.getvalue()}))
+"""
+
+
+def _run_all(*commands):
+    """`python -m porting ARGS` for each command, in order, in one process."""
+    proc = subprocess.run([sys.executable, "-c", _CLI_SCRIPT,
+                           json.dumps([[str(a) for a in c] for c in commands])],
                           capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines()
+               if line.startswith("RESULT ")]
+    assert len(results) == len(commands), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [types.SimpleNamespace(**r) for r in results]
 
 
 def test_cli_convert_export_verify(tmp_path):
@@ -214,25 +242,27 @@ def test_cli_convert_export_verify(tmp_path):
     sd = reference.build(name).state_dict()
     torch.save({"params": sd}, tmp_path / "release.pth")
 
-    r = _run("convert", name, tmp_path / "release.pth", tmp_path / "flax", "--safetensors")
-    assert r.returncode == 0, r.stderr
+    convert_r, export_r, verify_r, wrong_r = _run_all(
+        ["convert", name, tmp_path / "release.pth", tmp_path / "flax", "--safetensors"],
+        ["export", name, tmp_path / "flax", tmp_path / "back.pth"],
+        ["verify", name, tmp_path / "back.pth", "--batch", "1", "--height", "8", "--width", "16"],
+        ["convert", "restormer:motion_deblurring", tmp_path / "release.pth", tmp_path / "other"])
+
+    assert convert_r.returncode == 0, convert_r.stderr
     assert (tmp_path / "flax" / "model.safetensors").exists()
 
-    r = _run("export", name, tmp_path / "flax", tmp_path / "back.pth")
-    assert r.returncode == 0, r.stderr
+    assert export_r.returncode == 0, export_r.stderr
     back = torch.load(tmp_path / "back.pth", weights_only=True)
     assert list(back) == ["params"]
     assert set(back["params"]) == set(sd)
     assert all(torch.equal(back["params"][k], sd[k]) for k in sd)
 
-    r = _run("verify", name, tmp_path / "back.pth", "--batch", "1", "--height", "8", "--width", "16")
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "PASS" in r.stdout and "max|diff|" in r.stdout
+    assert verify_r.returncode == 0, verify_r.stdout + verify_r.stderr
+    assert "PASS" in verify_r.stdout and "max|diff|" in verify_r.stdout
     # a failing verdict's exit status 1: tests/test_verify.py (corrupted directories, --against)
 
-    r = _run("convert", "restormer:motion_deblurring", tmp_path / "release.pth", tmp_path / "other")
-    assert r.returncode == 2
-    assert "does not match" in r.stderr and "gaussian_gray_denoising" in r.stderr
+    assert wrong_r.returncode == 2
+    assert "does not match" in wrong_r.stderr and "gaussian_gray_denoising" in wrong_r.stderr
     assert not (tmp_path / "other").exists()
 
 

@@ -3,8 +3,8 @@ a batch from the recipe's data pipeline, against the torch reference computed in
 same weights (``porting.flax_to_torch``) and batch:
 
 * the loss the step reports equals torch's loss of the recipe: Restormer's L1, MPRNet's
-  Charbonnier + 0.05 edge summed over the three stages, DarkIR's L1 + 50 Laplacian-MSE + 0.8 L1
-  of the x2-upsampled side output, SNR-Aware's Charbonnier (sum) of the network fed the
+  Charbonnier + 0.05 edge summed over the three stages, DarkIR's L1 + 0.01 VGG + 50
+  Laplacian-MSE + 0.8 L1 + 0.01 VGG of the x2-upsampled side output (the LOLBlur recipe), SNR-Aware's Charbonnier (sum) of the network fed the
   reference's SNR map + 0.1 VGG perceptual (sum), AECR-Net's L1 + 0.1 contrastive
   regularisation with the hazy input as the negative; the VGG19 is read by the trainer from an
   .npz of (random) torchvision-keyed weights, the same weights torch uses;
@@ -46,9 +46,11 @@ FAMILIES = {
     "mprnet": ("mprnet_demo", 16, [
         "model_overrides={'n_feat': 8, 'scale_unetfeats': 4, 'scale_orsnetfeats': 4, "
         "'num_cab': 1}"]),
-    "darkir": ("darkir_demo", 16, [  # one level: side output at 1/2
+    "darkir": ("darkir_demo", 16, [  # one level: side output at 1/2; the LOLBlur recipe's two
+        # VGG terms on (the demo leaves them off without VGG weights)
         "model_overrides={'width': 4, 'enc_blk_nums': (1,), 'dec_blk_nums': (1,), "
-        "'middle_blk_num_enc': 1, 'middle_blk_num_dec': 1}"]),
+        "'middle_blk_num_enc': 1, 'middle_blk_num_dec': 1}", "losses.1.weight=0.01",
+        "losses.4.weight=0.01"]),
     "snr": ("snr_demo", 32, ["model_overrides={'nf': 8}"]),
     "aecrnet": ("aecrnet_demo", 16, ["model_overrides={'ngf': 8}", "losses.1.weight=0.1"]),
 }
@@ -134,8 +136,8 @@ def torch_loss(family, ref, vgg_t, lq, gt):
         return TL.mprnet_loss(ref(lq), gt, edge_weight=0.05)
     if family == "darkir":
         side, out = ref(lq, side_loss=True)
-        return TL.darkir_loss(side, out, gt, vgg_t, perceptual_weight=0.0,
-                              side_perceptual_weight=0.0, scale=gt.shape[2] // side.shape[2])
+        return TL.darkir_loss(side, out, gt, vgg_t, perceptual_weight=0.01,
+                              side_perceptual_weight=0.01, scale=gt.shape[2] // side.shape[2])
     if family == "snr":
         return TL.snr_loss(ref(lq, TS.snr_map(lq)), gt, vgg_t, vgg_weight=0.1)
     if family == "aecrnet":

@@ -236,7 +236,7 @@ CATALOGUE: list[Mistake] = [
       "the taps' offsets instead of the negated ones (forward unchanged)",
       [("flaxrestore/xla_cpu/depthwise.py", "neg = tuple((-dy, -dx) for dy, dx in offsets)",
         "neg = tuple((dy, dx) for dy, dx in offsets)")],
-      ["tests/test_darkir.py::test_training_step_parity"]),
+      ["tests/test_released_grads.py::test_gradients_at_released_width_match_torch_float64[darkir]"]),
     # --------------------------------------------------------------- restore (tiles, ensemble)
     M("restore-ensemble-inverse-order", "restore",
       "x8 ensemble: the inverse transform undoes the rotation before the flip",
