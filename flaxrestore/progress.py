@@ -14,10 +14,14 @@ from tqdm import tqdm
 def bar(total: int, *, desc: str, unit: str, initial: int = 0, enabled: bool = True) -> tqdm:
     """A progress bar over ``total`` units, starting at ``initial`` (a resumed run).
 
-    ``enabled=False`` gives a bar that draws nothing (the hosts other than process 0).
+    ``enabled=False`` gives a bar that draws nothing (the hosts other than process 0). Written to
+    a file or a pipe (a job's log), the bar is redrawn at most every 30 s instead of 10 times a
+    second, so a long run's log holds a few lines per minute, not thousands.
     """
+    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled,
-                file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+                file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
+                mininterval=0.1 if tty else 30.0)
 
 
 def write(msg: str, *, file=None) -> None:

@@ -340,3 +340,20 @@ def test_remat_step_gradients_match_torch_and_recompute_survives():
     for a, b in zip(jax.tree.leaves(results[True][2]["opt_state"]),
                     jax.tree.leaves(results[False][2]["opt_state"])):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * max(1e-30, float(np.abs(b).max())))
+
+
+def test_progress_bar_in_a_log_file_redraws_rarely(capsys):
+    """Written to a file or pipe (stderr is not a terminal here), the trainer's / restore CLI's
+    bar is drawn at the start and the end of a fast loop, not on every update."""
+    from flaxrestore import progress
+
+    import time
+
+    bar = progress.bar(50, desc="train", unit="step")
+    for _ in range(50):  # 0.5 s: a terminal's bar (every 0.1 s) would be drawn ~5 more times
+        time.sleep(0.01)
+        bar.update()
+    bar.close()
+    draws = capsys.readouterr().err.replace("\r", "\n").count("train:")
+    assert 1 <= draws <= 2, draws
+    assert progress.bar(5, desc="train", unit="step", enabled=False).disable
