@@ -149,7 +149,7 @@ How to read a row (figures per chip):
 - float32 matmuls and convolutions at JAX's default precision run as one bfloat16 pass on the
   MXU, so the same peak bounds both dtypes; the bfloat16 rows differ in memory and bytes moved.
 - **compile s**: wall time of the compile on the 2-core host that made the row, often shared
-  with other jobs (the MPRNet bfloat16 row: at low priority beside a test run).
+  with other jobs (most rows were compiled at low priority beside test runs).
 
 | chip | HBM | peak (bfloat16, dense) | HBM bandwidth |
 |---|---|---|---|
