@@ -3,9 +3,9 @@
 ``restore(module, image)`` takes a float image in the range the model was trained on ([0, 1] for
 all five families), HxWxC or NxHxWxC, and returns the restored image of the same height and width.
 It applies the calling protocol the model's class declares (``flaxrestore.models.Protocol``,
-taken from the test scripts of the originals): pad the bottom/right to the multiple the network needs with the padding
-mode the scripts use, compute extra inputs (SNR-Aware's SNR map), call the network, pick the
-restored image from its outputs, crop back, clamp to [0, 1].
+taken from the test scripts of the originals): pad the bottom/right to the multiple the network
+needs with the padding mode the scripts use, compute extra inputs (SNR-Aware's SNR map), call the
+network, pick the restored image from its outputs, crop back, clamp to [0, 1].
 
 Large images: ``tile=T`` cuts the padded image into T x T tiles (one fixed shape, compiled once),
 runs them ``batch`` at a time, and blends overlapping outputs with weights that are zero in a
@@ -209,9 +209,6 @@ class Restorer:
         return np.asarray(forward_jit()(self.graphdef, self.protocol.image, self.dtype,
                                         self.state, *inputs))
 
-    def _pad(self, a: np.ndarray) -> np.ndarray:
-        return pad_to_multiple(a, self.protocol)
-
     def _run_padded(self, inputs: list[np.ndarray]) -> np.ndarray:
         """Runs the network over padded NHWC inputs, whole or in blended tiles."""
         n, hp, wp = inputs[0].shape[:3]
@@ -247,7 +244,7 @@ class Restorer:
 
     def _single(self, x: np.ndarray, extras: list[np.ndarray]) -> np.ndarray:
         h, w = x.shape[1:3]
-        out = self._run_padded([self._pad(a) for a in [x, *extras]])
+        out = self._run_padded([pad_to_multiple(a, self.protocol) for a in [x, *extras]])
         return out[:, :h, :w]
 
     # -- public

@@ -43,7 +43,6 @@ class Protocol:
     outputs: str = "image"
     side_output: str | None = None
     clamp: bool = True
-    note: str = ""
 
     def __post_init__(self):
         if self.outputs not in ("image", "stages"):
