@@ -3,7 +3,6 @@ the whole network in train and eval mode, gradients, one training step), known-a
 the deformable conv and of network deconvolution, checkpoint layout and round trips, losses."""
 
 import numpy as np
-import optax
 import pytest
 import torch
 import torch.nn.functional as F
@@ -569,7 +568,7 @@ def _check_grads(ref, gf, g_x=None, xt=None, tol=1e-4):
 
 def test_network_forward_and_gradients_eval_full_width():
     """Eval mode at the released width, forward and gradients (train-mode gradients are checked
-    in test_training_step_parity). 20x28: a multiple of 4, not of 8, and not square."""
+    in tests/test_train_families.py and test_released_grads.py). 20x28: a multiple of 4, not of 8, and not square."""
     ref, module = _full_pair(seed=1)
     _set_mode(ref, module, "eval")
     x = A.AECRNet.example_inputs(module.config, 2, 20, 28, np.random.default_rng(1))[0]
@@ -691,56 +690,6 @@ def test_l1():
                - TL.l1(nchw(a), nchw(b)).item()) <= 1e-6
     np.testing.assert_allclose(float(losses.l1(jnp.asarray(a), jnp.asarray(b))),
                                np.abs(a - b).mean(), rtol=1e-6)
-
-
-def test_training_step_parity():
-    """Gradients in train mode, then one Adam step (the recipe: lr 1e-4, betas (0.9, 0.999), eps 1e-8) on L1 + 0.1 * CR in
-    train mode: the same loss, the same updated weights and the same FastDeconv statistics."""
-    lr, w_cr = 1e-4, 0.1
-    ref, module = _full_pair(seed=4, **SMALL)
-    before = {k: v.detach().clone().numpy() for k, v in ref.state_dict().items()}
-    tv, fv = _vgg_pair(seed=5)
-    rng = np.random.default_rng(4)
-    hazy = rng.random((2, 16, 16, 3), dtype=np.float32)
-    clear = np.clip(hazy * 1.3 - 0.2, 0, 1).astype(np.float32)
-
-    ref.train()
-    cr_t = TL.ContrastLoss(tv)
-    opt_t = torch.optim.Adam(ref.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    hazy_t = nchw(hazy).requires_grad_(True)
-    out = ref(hazy_t)
-    loss_t = TL.l1(out, nchw(clear)) + w_cr * cr_t(out, nchw(clear), hazy_t)
-    opt_t.zero_grad()
-    loss_t.backward()
-    opt_t.step()
-
-    module.train()
-    opt_f = nnx.Optimizer(module, optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, opt, vgg, hazy, clear):
-        def loss_fn(model, hazy):
-            out = model(hazy)
-            return losses.l1(out, clear) + w_cr * losses.contrastive_regularization(
-                out, clear, hazy, vgg)
-        loss, (grads, g_hazy) = nnx.value_and_grad(loss_fn, argnums=(0, 1))(model, hazy)
-        opt.update(model, grads)
-        return loss, grads, g_hazy
-
-    loss_f, grads, g_hazy = step(module, opt_f, fv, jnp.asarray(hazy), jnp.asarray(clear))
-    assert abs(float(loss_f) - loss_t.item()) <= 1e-4 * abs(loss_t.item())
-    # train-mode gradients (through the batch statistics) w.r.t. every parameter and the input
-    _check_grads(ref, convert.state_to_torch_layout(module, grads), g_hazy, hazy_t)
-    after_f = porting.flax_to_numpy(module)
-    after_t = ref.state_dict()
-    moved = 0
-    for k, v in after_t.items():
-        t_new, f_new = v.numpy(), after_f[k]
-        assert _rel(f_new, t_new) <= 1e-4, k
-        # the step itself (about lr per element) agrees to 1% of lr
-        assert np.abs((f_new - before[k]) - (t_new - before[k])).max() <= 1e-2 * lr, k
-        moved += np.abs(t_new - before[k]).max() > 0.5 * lr
-    assert moved == len(after_t)  # every parameter and both statistics moved
 
 
 def test_compiled_port_matches_torch():

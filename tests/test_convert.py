@@ -245,7 +245,8 @@ def test_cli_convert_export_verify(tmp_path):
     convert_r, export_r, verify_r, wrong_r = _run_all(
         ["convert", name, tmp_path / "release.pth", tmp_path / "flax", "--safetensors"],
         ["export", name, tmp_path / "flax", tmp_path / "back.pth"],
-        ["verify", name, tmp_path / "back.pth", "--batch", "1", "--height", "8", "--width", "16"],
+        ["verify", name, tmp_path / "back.pth", "--jit", "--batch", "1", "--height", "8", "--width",
+         "16"],
         ["convert", "restormer:motion_deblurring", tmp_path / "release.pth", tmp_path / "other"])
 
     assert convert_r.returncode == 0, convert_r.stderr

@@ -157,7 +157,7 @@ def test_block_forward(block, hw):
 def test_block_gradients_under_jit(block):
     """Gradients w.r.t. input and every parameter through jax.jit(jax.grad): the FFT path and
     the grouped conv's hand-written backward. (Every other block's gradients are checked in the
-    whole network by test_training_step_parity.)"""
+    whole network by tests/test_train_families.py and test_released_grads.py.)"""
     t, f = _block_pair(block, 8, seed=1)
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 11, 15, 8)).astype(np.float32)
@@ -262,7 +262,7 @@ def test_variant_forward_odd_size(name):
     assert np.abs(_nhwc(out_t) - x).mean() > 0.1
 
 
-@pytest.mark.slow  # several CPU-minutes to compile; test_training_step_parity covers every block
+@pytest.mark.slow  # several CPU-minutes to compile; test_released_grads covers every block
 @pytest.mark.parametrize("name", VARIANTS)
 def test_gradients_full_width(name):
     """Released widths, odd size (padded inside): d loss / d input and every parameter, with the
@@ -384,7 +384,7 @@ def _vgg_pair(seed: int):
 
 def test_losses_match_torch():
     """Each DarkIR loss term: value and gradient w.r.t. both outputs. (The recipe total, without
-    the frequency term as in the recipe, is checked by test_training_step_parity.)"""
+    the frequency term as in the recipe, is checked by tests/test_train_families.py.)"""
     from flaxrestore import losses as L
     from porting.reference import losses as TL
 

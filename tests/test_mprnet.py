@@ -4,7 +4,6 @@
 import functools
 
 import numpy as np
-import optax
 import pytest
 import torch
 from flax import nnx
@@ -391,76 +390,5 @@ def test_mprnet_loss(recipe):
         assert rel_diff(gf, nhwc(to.grad), floor=0.0) <= 1e-4
 
 
-# --------------------------------------------------------------------------- training parity
-
-def test_gradients_and_one_adam_step_match_torch():
-    """Deblurring/deraining recipe at reduced width: Adam(2e-4, betas (0.9, 0.999), eps 1e-8) on
-    sum_i Charbonnier(o_i, gt) + 0.05 * sum_i Edge(o_i, gt); same loss, gradients (input and every
-    parameter, the shared PReLU included) and updated weights in both frameworks."""
-    name, lr = "mprnet:deblurring", 2e-4
-    ref = reference_model(name, seed=7, **SMALL)
-    module = porting.torch_to_flax(name, ref.state_dict(), **SMALL)
-    rng = np.random.default_rng(7)
-    x = rng.random((2, 16, 24, 3), dtype=np.float32)
-    gt = np.clip(x + 0.1 * rng.standard_normal(x.shape).astype(np.float32), 0, 1)
-
-    # torch
-    before = {k: v.clone() for k, v in ref.state_dict().items()}
-    tx = nchw(x).requires_grad_()
-    t_loss = TL.mprnet_loss(ref(tx), nchw(gt))
-    opt = torch.optim.Adam(ref.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    opt.zero_grad()
-    t_loss.backward()
-    t_grads = {k: p.grad.numpy().copy()
-               for k, p in ref.named_parameters(remove_duplicate=False)}
-    opt.step()
-    t_after = {k: v.numpy() for k, v in ref.state_dict().items()}
-    # no parameter is trivially compared (a channel attention whose ReLUs are all dead has
-    # zero gradients; with these widths and seed none is)
-    assert all(np.abs(g).max() > 0 for g in t_grads.values())
-
-    # flax: one jitted value_and_grad with respect to the parameters and the input
-    graphdef, params = nnx.split(module, nnx.Param)
-
-    def loss_fn(p, a, target):
-        return losses.mprnet_loss(nnx.merge(graphdef, p)(a), target)
-
-    (f_loss, (g_params, g_x)) = jit(jax.value_and_grad(loss_fn, argnums=(0, 1)))(
-        params, jnp.asarray(x), jnp.asarray(gt))
-    assert abs(float(f_loss) - t_loss.item()) <= 1e-4 * abs(t_loss.item())
-    assert rel_diff(g_x, nhwc(tx.grad), floor=0.0) <= 1e-4
-    f_grads = convert.state_to_torch_layout(module, g_params)
-    assert set(t_grads) == set(f_grads) == set(before)
-    worst = max((rel_diff(f_grads[k], g, floor=0.0), k) for k, g in t_grads.items())
-    assert worst[0] <= 1e-4, worst
-    # the shared slope's gradient is the sum over its 55 uses, and every alias reports it
-    assert f_grads["stage3_orsnet.orb3.body.0.body.1.weight"] == pytest.approx(
-        t_grads["shallow_feat1.1.body.1.weight"], rel=1e-4)
-
-    tx_opt = optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)
-
-    @jit
-    def adam_step(p, g):
-        updates, _ = tx_opt.update(g, tx_opt.init(p), p)
-        return optax.apply_updates(p, updates)
-
-    nnx.update(module, adam_step(params, g_params))
-    f_after = porting.flax_to_numpy(module)
-    # each framework moved every weight by the closed-form first Adam step of its own gradient,
-    # -lr * g / (|g| + eps) (one step's bias-corrected moments are g and g^2), to 1e-3 lr plus
-    # the weight's float32 spacing: a wrong sign, lr or moment is off by about lr everywhere
-    for k, w in t_after.items():
-        w0 = before[k].numpy()
-        tol = 1e-3 * lr + np.spacing(np.abs(w0).astype(np.float32))
-        for after, g in ((f_after[k], f_grads[k]), (w, t_grads[k])):
-            g = np.asarray(g, np.float64)
-            step = np.asarray(after, np.float64) - w0
-            assert np.all(np.abs(step + lr * g / (np.abs(g) + 1e-8)) <= tol), k
-    # the updates themselves, about lr * g / (|g| + eps) on a first Adam step, agree too: a sign
-    # flip would differ by 2 lr; the worst element (a tiny gradient) differs by ~1% of lr
-    worst_u = max((np.abs((f_after[k] - before[k].numpy()) - (w - before[k].numpy())).max() / lr, k)
-                  for k, w in t_after.items())
-    assert worst_u[0] <= 5e-2, worst_u
-    # and the step really moved the weights (by about lr each)
-    moved = max(np.abs(t_after[k] - before[k].numpy()).max() for k in t_after)
-    assert moved == pytest.approx(lr, rel=0.01)
+# training parity (the recipe's loss, gradients and one Adam step against torch float64):
+# tests/test_train_families.py; gradients at the released width: tests/test_released_grads.py

@@ -119,9 +119,12 @@ def test_variant_forward(name):
 
 
 # motion deblurring's gradients (WithBias norms, 3 channels, the residual skip) are checked at its
-# released widths against float64 in test_released_grads.py; here the variants that differ
+# released widths against float64 in test_released_grads.py; here the variants that differ:
+# BiasFree norms and one channel; dual-pixel's six input channels (only its first conv differs;
+# its forward is in test_variant_forward) under slow
 @pytest.mark.parametrize("name", ["restormer:gaussian_gray_denoising",
-                                  "restormer:dual_pixel_defocus_deblurring"])
+                                  pytest.param("restormer:dual_pixel_defocus_deblurring",
+                                               marks=pytest.mark.slow)])
 def test_gradients_reduced_width(name):
     torch.manual_seed(1)
     ref = _perturb(reference.build(name, **SMALL), seed=1)

@@ -113,10 +113,12 @@ def run_step(recipe, batch):
         frozen = {"vgg": step_lib.replicate(mesh, vgg_params)}
     step = step_lib.make_train_step(recipe, model, tx, mesh, vgg_graph)
     args = (state, step_lib.global_batch(mesh, batch), frozen)
-    # LLVM optimisation off: these tiny programs compile ~1.5x faster. Not for AECR-Net: there
-    # its output conv's bias gradient came out 1.3e-3 (relative) from torch's float64, against
-    # 1e-5 when optimised (measured; not understood yet)
-    options = {} if recipe.model_family == "aecrnet" else FAST_COMPILE
+    # LLVM optimisation off: these tiny programs compile ~1.5x faster. Not for AECR-Net's float32
+    # step: there its output conv's bias gradient came out 1.3e-3 (relative) from torch's
+    # float64, against 1e-5 when optimised (measured; not understood yet). Its bfloat16 step,
+    # held to bfloat16 bounds (1%), compiles unoptimised too.
+    exact = recipe.model_family == "aecrnet" and recipe.dtype == "float32"
+    options = {} if exact else FAST_COMPILE
     compiled = step.lower(*args).compile(compiler_options=options)
     new, metrics = jax.device_get(compiled(*args))
     assert bool(metrics["finite"]) and int(new["step"]) == 1
