@@ -482,3 +482,8 @@ def test_config_validation():
         D.DataConfig(degradation="snow")
     with pytest.raises(ValueError, match="apply to kind 'clean'"):
         D.DataConfig(kind="gopro", root="/x", noise_sigma=15)
+    # a folder name for a layout that does not read it is refused, not ignored
+    with pytest.raises(ValueError, match="kind 'paired' only"):
+        D.DataConfig(kind="gopro", root="/x", lq_subdir="blur")
+    D.DataConfig(kind="paired", root="/x", lq_subdir="blur")
+    D.DataConfig(kind="gopro", root="/x", val_kind="paired", gt_subdir="sharp")

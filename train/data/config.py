@@ -34,7 +34,8 @@ class DataConfig:
     val_root / val_kind: validation split (``make_val_dataset``); val_kind defaults to kind.
     val_patch_size: centre-crop validation images to this size (MPRNet's val); None = full size.
     demo_val_size: demo validation tile size (tiles of the held-out 256x256 images); None = whole.
-    lq_subdir / gt_subdir: folder names for kind 'paired' (auto-detected when None).
+    lq_subdir / gt_subdir: folder names for kind 'paired' (auto-detected when None); refused
+        for other kinds (they find their own folders).
     num_workers: grain worker processes (0 = in-process; reading threads still prefetch).
     read_threads / prefetch: grain's in-process reading threads and prefetch buffer (elements).
     """
@@ -99,6 +100,9 @@ class DataConfig:
         if noisy and not (self.kind == "clean" or (self.kind == "demo" and self.degradation == "noise")):
             problems.append("noise_sigma / noise_sigma_range apply to kind 'clean' and the demo 'noise' "
                             f"degradation only, not kind {self.kind!r}")
+        if (self.lq_subdir or self.gt_subdir) and "paired" not in (self.kind, self.val_kind):
+            problems.append("lq_subdir / gt_subdir name the folders of kind 'paired' only; kind "
+                            f"{self.kind!r} finds its own folders")
         if self.num_workers < 0 or self.read_threads < 1:
             problems.append("num_workers must be >= 0 and read_threads >= 1")
         if problems:
