@@ -137,7 +137,8 @@ def load_checkpoint(recipe: Recipe, workdir: str, which: str = "best", devices=N
         if which == "latest":
             step = latest
         elif which == "best":
-            _, _, meta = restore_checkpoint(mngr, latest, abstract, mesh)
+            # the latest checkpoint's meta names the best step: that item alone is read
+            meta = mngr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             step = meta.get("best_step")
             if step is None or step not in steps:
                 step = latest
