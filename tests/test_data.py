@@ -9,6 +9,8 @@ import pytest
 from PIL import Image
 
 from train import data as D
+from train.data import images
+from train.data import layouts as L
 from train import degrade
 from train.data.transforms import apply_ops, transform_ops
 
@@ -469,6 +471,28 @@ def test_sixteen_bit_grey(tmp_path):
     Image.fromarray(arr).save(tmp_path / "x.png")
     got = D.load_image(str(tmp_path / "x.png"), 1)
     np.testing.assert_allclose(got[..., 0], arr / 65535.0, atol=1e-7)
+
+
+def test_sixteen_bit_grey_alpha_tiff_passes_the_header_check(tmp_path):
+    """Pillow cannot open a 16-bit grey + alpha TIFF; the header check reads it with tifffile
+    (size and grey), so the pair is accepted and loads, and a colour partner is a grey/RGB mix."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    rng = np.random.default_rng(0)
+    la = rng.integers(0, 65536, (6, 9, 2)).astype(np.uint16)
+    for d in ("input", "target"):
+        os.makedirs(tmp_path / d)
+        (tmp_path / d / "a.tif").write_bytes(
+            imagecodecs.tiff_encode(la, photometric="minisblack", extrasample=2))
+    pair = L.Pair(str(tmp_path / "input" / "a.tif"), str(tmp_path / "target" / "a.tif"), "a")
+    assert L.check_pair(pair, "paired", channels=1) is None
+    assert images.read_header(pair.lq) == ((9, 6), "LA")
+    np.testing.assert_allclose(D.load_image(pair.lq, 1)[..., 0], la[..., 0] / 65535.0, atol=1e-7)
+    Image.fromarray(np.zeros((6, 9, 3), np.uint8)).save(tmp_path / "target" / "b.png")
+    mixed = L.Pair(pair.lq, str(tmp_path / "target" / "b.png"), "a")
+    assert "grayscale/RGB mix" in L.check_pair(mixed, "paired", channels=1)
+    (tmp_path / "bad.tif").write_bytes(b"II*\x00 not really")
+    with pytest.raises(D.DataError, match="cannot read image file"):
+        images.read_header(str(tmp_path / "bad.tif"))
 
 
 def test_config_validation():

@@ -33,14 +33,36 @@ def is_image(name: str) -> bool:
 
 
 def read_header(path: str) -> tuple[tuple[int, int], str]:
-    """(width, height) and mode from the file header; DataError if it is not an image."""
+    """(width, height) and mode from the file header; DataError if it is not an image.
+
+    Pillow reads the header; a TIFF it cannot open (16-bit grey + alpha, which ``load_image``
+    decodes through tifffile) is read by tifffile."""
     try:
         with Image.open(path) as im:
             return im.size, im.mode
     except FileNotFoundError:
         raise DataError(f"missing image file {path}") from None
     except Exception as e:  # PIL.UnidentifiedImageError, OSError, SyntaxError, ...
-        raise DataError(f"cannot read image file {path}: {e}") from None
+        header = _tiff_header(path)
+        if header is None:
+            raise DataError(f"cannot read image file {path}: {e}") from None
+        return header
+
+
+def _tiff_header(path: str) -> tuple[tuple[int, int], str] | None:
+    """(width, height) and a Pillow-style mode of a TIFF's first page, or None."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            size = (int(page.imagewidth), int(page.imagelength))
+            grey = page.photometric in (tifffile.PHOTOMETRIC.MINISBLACK,
+                                        tifffile.PHOTOMETRIC.MINISWHITE)
+            alpha = bool(page.extrasamples)
+    except Exception:  # not a TIFF, or not one tifffile reads either
+        return None
+    return size, ("LA" if alpha else "L") if grey else ("RGBA" if alpha else "RGB")
 
 
 def load_image(path: str, channels: int = 3) -> np.ndarray:
