@@ -22,10 +22,12 @@ what 8-bit TIFFs hold (palette, CMYK, YCbCr, min-is-white, bilevel, premultiplie
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import struct
+import threading
 import zlib
 
 import numpy as np
@@ -104,6 +106,32 @@ class _DropInterlaceWarning(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "Interlace handling should be turned on" not in record.getMessage()
+
+
+class _Capture(logging.Filter):
+    """Keeps the calling thread's records of a logger out of the log and in ``messages``: what
+    tifffile logs while parsing a damaged file goes into the error :func:`read_image` raises
+    (other reading threads' records pass through to their own captures or the log)."""
+
+    def __init__(self):
+        super().__init__()
+        self.thread, self.messages = threading.get_ident(), []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread:
+            return True
+        self.messages.append(record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _captured(logger: str):
+    log, capture = logging.getLogger(logger), _Capture()
+    log.addFilter(capture)
+    try:
+        yield capture.messages
+    finally:
+        log.removeFilter(capture)
 
 
 def _read_png16_colour(path: str) -> tuple[np.ndarray, int] | None:
@@ -223,6 +251,7 @@ def read_image(path: str | os.PathLike) -> Picture:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such image file: {path}")
+    notes: list[str] = []
     try:
         with open(path, "rb") as f:
             magic = f.read(8)
@@ -230,7 +259,8 @@ def read_image(path: str | os.PathLike) -> Picture:
         if magic == _PNG_SIGNATURE:
             sixteen_colour = _read_png16_colour(path)
         elif magic[:4] in _TIFF_MAGIC:
-            sixteen_colour = _read_tiff16_colour(path)
+            with _captured("tifffile") as notes:
+                sixteen_colour = _read_tiff16_colour(path)
         if sixteen_colour is not None:
             (arr, orientation), depth = sixteen_colour, 16
             mode = _MODES[arr.shape[-1]]
@@ -241,7 +271,8 @@ def read_image(path: str | os.PathLike) -> Picture:
     # ValueError: tifffile's TiffFileError and numpy; RuntimeError: imagecodecs' PngError and others
     except (UnidentifiedImageError, OSError, SyntaxError, struct.error, zlib.error, EOFError,
             ValueError, RuntimeError) as e:
-        raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+        said = f"; tifffile: {'; '.join(notes)}" if notes else ""
+        raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e}){said}") from None
     if arr.ndim == 2:
         arr = arr[..., None]
     arr = _apply_orientation(arr, orientation)

@@ -8,6 +8,7 @@ comparison is of exact uint16 values, so a swapped byte order, samples cut to 8 
 alpha or reordered channels all fail.
 """
 
+import logging
 import struct
 import zlib
 
@@ -451,3 +452,19 @@ def test_truncated_16bit_colour_raises_clear_error(tmp_path, name):
         path.write_bytes(data[:cut])
         with pytest.raises(imageio.ImageReadError, match=name):
             imageio.read_image(path)
+
+
+def test_what_tifffile_logs_about_a_damaged_file_goes_into_the_error(tmp_path, caplog):
+    """A TIFF whose first page lies past the end: tifffile logs why while parsing; that reason
+    ends up in the ImageReadError, not as a stray log line before it."""
+    path = tmp_path / "cut.tif"
+    data = imagecodecs.tiff_encode(u16((64, 64, 3)), photometric="rgb")  # libtiff: IFD at the end
+    path.write_bytes(data[:len(data) // 2])
+    with caplog.at_level(logging.DEBUG, logger="tifffile"):
+        with pytest.raises(imageio.ImageReadError, match="tifffile: .*first page"):
+            imageio.read_image(path)
+    assert not [r for r in caplog.records if r.name == "tifffile"], caplog.records
+    # the capture is scoped to the read: tifffile's records log normally afterwards
+    with caplog.at_level(logging.WARNING, logger="tifffile"):
+        logging.getLogger("tifffile").warning("after the read")
+    assert [r.getMessage() for r in caplog.records if r.name == "tifffile"] == ["after the read"]
