@@ -20,8 +20,27 @@ def bar(total: int, *, desc: str, unit: str, initial: int = 0, enabled: bool = T
     """
     tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled,
-                file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
-                mininterval=0.1 if tty else 30.0)
+                file=sys.stderr if tty else _Lines(sys.stderr), dynamic_ncols=True,
+                smoothing=0.1, mininterval=0.1 if tty else 30.0)
+
+
+class _Lines:
+    """The stream of a bar drawn into a file or a pipe: each redraw becomes a line of its own.
+
+    tqdm redraws in place with carriage returns, for terminals; in a job's log that leaves every
+    redraw, and the messages printed between them, on one line. (tqdm has no such mode.)"""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        for part in text.split("\r"):
+            part = part.rstrip()
+            if part:
+                self.stream.write(part + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def write(msg: str, *, file=None) -> None:

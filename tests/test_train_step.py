@@ -354,6 +354,17 @@ def test_progress_bar_in_a_log_file_redraws_rarely(capsys):
         time.sleep(0.01)
         bar.update()
     bar.close()
-    draws = capsys.readouterr().err.replace("\r", "\n").count("train:")
+    err = capsys.readouterr().err
+    draws = err.replace("\r", "\n").count("train:")
     assert 1 <= draws <= 2, draws
+    # each redraw a line of its own (no carriage returns): log lines printed between redraws
+    # start on a line of their own too
+    assert "\r" not in err and all(l.startswith("train:") for l in err.splitlines()), err
+    bar = progress.bar(3, desc="train", unit="step")
+    bar.update()
+    progress.write("a message", file=sys.stderr)
+    bar.update(2)
+    bar.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert "a message" in lines and lines[-1].startswith("train: 100%"), lines
     assert progress.bar(5, desc="train", unit="step", enabled=False).disable
