@@ -62,12 +62,13 @@ def main(argv=None) -> int:
                f"{','.join(DTYPES)}")
         lines = [f"### {name} ({recipe.model})", "", f"    {cmd}", "", plan.HEADER,
                  plan.SEPARATOR]
-        notes, biggest = [], None
+        notes, biggest, by_stage = [], None, {}
         for d in DTYPES:
             r_d = dataclasses.replace(recipe, dtype=d)
             rows = []
             for first, last, patch, batch in stages:
                 r = planners[MAIN].get(r_d, patch, batch)
+                by_stage.setdefault((patch, batch), {})[d] = r
                 steps = f"{first}-{last}"
                 if r is None:
                     missing += 1
@@ -86,6 +87,22 @@ def main(argv=None) -> int:
                                  f"stages of steps x roofline step time)")
                 else:
                     notes.append(f"{d}: a stage does not fit in HBM: see the rows marked **no**")
+        # what fits where float32 does not: bfloat16 (compiled above) or float32 with remat
+        for first, last, patch, batch in stages:
+            r32, r16 = (by_stage[(patch, batch)].get(d) for d in DTYPES)
+            if r32 is None or r32.fits:
+                continue
+            rr = planners[MAIN].get(dataclasses.replace(recipe, remat=True), patch, batch)
+            limit = r32.limit_bytes or sl.chip.hbm_bytes / sl.devices_per_chip
+            parts = ["bfloat16: not compiled yet" if r16 is None else _verdict("bfloat16", r16)]
+            if rr is None:
+                missing += 1
+                parts.append("float32 with `--set remat=True`: not compiled yet")
+            else:
+                parts.append(_verdict("float32 with `--set remat=True`", rr))
+            notes.append(f"steps {first}-{last} ({batch} x {patch}x{patch} per chip) need more "
+                         f"than {plan._gib(r32.needed_bytes)} GiB in float32, over the "
+                         f"{plan._gib(limit)} GiB the compiler allows: " + "; ".join(parts))
         if biggest is not None:
             patch, batch, _ = biggest
             o = slices[OTHER]
@@ -106,6 +123,13 @@ def main(argv=None) -> int:
     _write(sections, missing)
     print(f"wrote {OUT} ({missing} configurations not compiled yet)")
     return 0
+
+
+def _verdict(what: str, r) -> str:
+    if not r.fits:
+        return f"{what} does not fit either (> {plan._gib(r.needed_bytes)} GiB)"
+    return (f"{what} fits ({plan._gib(r.needed_bytes)} GiB, roofline "
+            f"{1e3 * r.roofline_seconds():.0f} ms/step)")
 
 
 class _Planner(plan.Planner):
