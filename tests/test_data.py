@@ -473,6 +473,7 @@ def test_sixteen_bit_grey(tmp_path):
     np.testing.assert_allclose(got[..., 0], arr / 65535.0, atol=1e-7)
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow on the cut file
 def test_sixteen_bit_grey_alpha_tiff_passes_the_header_check(tmp_path):
     """Pillow cannot open a 16-bit grey + alpha TIFF; the header check reads it with tifffile
     (size and grey), so the pair is accepted and loads, and a colour partner is a grey/RGB mix."""

@@ -454,6 +454,7 @@ def test_truncated_16bit_colour_raises_clear_error(tmp_path, name):
             imageio.read_image(path)
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow on the cut file
 def test_what_tifffile_logs_about_a_damaged_file_goes_into_the_error(tmp_path, caplog):
     """A TIFF whose first page lies past the end: tifffile logs why while parsing; that reason
     ends up in the ImageReadError, not as a stray log line before it."""
