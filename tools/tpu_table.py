@@ -3,6 +3,7 @@
     python tools/tpu_table.py                      # compile what is missing, rewrite the page
     python tools/tpu_table.py --cached-only        # rewrite the page from the cache alone
     python tools/tpu_table.py --budget-minutes 60  # stop compiling after an hour
+    python tools/tpu_table.py --recipes snr_lolv1  # compile one recipe's missing rows only
 
 Every (patch, per-chip batch) stage of each recipe in float32 and bfloat16 on ``v5e:2x4``, and
 the stage that needs the most memory also on ``v6e:2x4``. A compile of a full-width network for a
@@ -43,19 +44,26 @@ def main(argv=None) -> int:
     ap.add_argument("--cached-only", action="store_true", help="compile nothing")
     ap.add_argument("--budget-minutes", type=float, default=None,
                     help="start no compile after this many minutes")
-    ap.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated recipe names")
+    ap.add_argument("--recipes", default=",".join(RECIPES),
+                    help="comma-separated recipe names to compile (the page shows every recipe "
+                         "of the table; the others from the cache)")
     args = ap.parse_args(argv)
+    chosen = [n.strip() for n in args.recipes.split(",") if n.strip()]
+    unknown = sorted(set(chosen) - set(RECIPES))
+    if unknown:
+        ap.error(f"--recipes: not in the table: {', '.join(unknown)} (choose from "
+                 f"{', '.join(RECIPES)})")
     plan._prepare_process()
     from train import recipe as recipe_lib
 
     deadline = time.time() + 60 * args.budget_minutes if args.budget_minutes else None
     cache = plan.Cache(CACHE)
     slices = {name: plan.topology(name) for name in (MAIN, OTHER)}
-    planners = {name: _Planner(sl, cache, args.cached_only, deadline)
-                for name, sl in slices.items()}
     sections, missing = [], 0
-    for name in args.recipes.split(","):
+    for name in RECIPES:
         recipe = recipe_lib.load(name)
+        planners = {t: _Planner(sl, cache, args.cached_only or name not in chosen, deadline)
+                    for t, sl in slices.items()}
         sl = slices[MAIN]
         stages = plan.stages_of(recipe, len(sl.devices), None, None)
         cmd = (f"python -m train plan --config {name} --topology {MAIN} --dtype "
