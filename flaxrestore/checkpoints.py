@@ -31,19 +31,31 @@ def weights_state(module: nnx.Module) -> nnx.State:
 
 def save_model(directory: str | os.PathLike, name: str, module: nnx.Module,
                overrides: dict[str, Any] | None = None) -> str:
-    """Writes ``module``'s weights under ``directory`` (created; must not hold a model already)."""
+    """Writes ``module``'s weights under ``directory`` (created; must not hold a model already).
+
+    In a job of several processes every process calls it with the same (replicated) weights, as
+    orbax's save is a collective; process 0 alone creates the directory and writes the files, so
+    ``directory`` must be storage that every process sees (a shared file system, a bucket).
+    """
     directory = os.path.abspath(os.fspath(directory))
     models.entry(name)  # validate the name
-    os.makedirs(directory, exist_ok=True)
     state_dir = os.path.join(directory, "state")
     if os.path.exists(state_dir):
         raise FileExistsError(f"{directory} already holds a model checkpoint")
+    primary = jax.process_index() == 0
+    if jax.process_count() > 1:  # every process has looked before process 0 starts writing
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"flaxrestore save_model {directory}")
+    if primary:
+        os.makedirs(directory, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(state_dir, nnx.to_pure_dict(weights_state(module)))
         ckptr.wait_until_finished()
-    meta = {"format": FORMAT, "name": name, "overrides": overrides or {}}
-    with open(os.path.join(directory, "model.json"), "w") as f:
-        json.dump(meta, f, indent=2)
+    if primary:
+        meta = {"format": FORMAT, "name": name, "overrides": overrides or {}}
+        with open(os.path.join(directory, "model.json"), "w") as f:
+            json.dump(meta, f, indent=2)
     return directory
 
 

@@ -80,6 +80,11 @@ def test_orbax_and_safetensors_bit_exact(tmp_path, small_sd):
         assert set(got) == set(ref)
         for k in ref:
             assert got[k].dtype == ref[k].dtype and np.array_equal(got[k], ref[k]), k
+    # a directory that holds a model is never written over
+    before = (tmp_path / "m" / "model.json").read_text()
+    with pytest.raises(FileExistsError, match="already holds"):
+        checkpoints.save_model(tmp_path / "m", NAME, module, {})
+    assert (tmp_path / "m" / "model.json").read_text() == before
 
 
 @pytest.mark.parametrize("container", ["params", "params_ema", "state_dict", "model_state_dict", "model", None])

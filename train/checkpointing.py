@@ -87,17 +87,8 @@ def export_weights(path: str, recipe: Recipe, model: step_lib.ModelDef, params, 
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"export {path}")
-    if is_main_process():
-        return fcheckpoints.save_model(path, recipe.model, module, dict(recipe.model_overrides))
-    # the other hosts only take part in orbax's save (a collective; the replicated weights are
-    # written by host 0): no directory, no model.json of theirs (tests/test_multihost.py)
-    from flax import nnx
-
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, "state"),
-                   nnx.to_pure_dict(fcheckpoints.weights_state(module)))
-        ckptr.wait_until_finished()
-    return path
+    # every process takes part (orbax's save is a collective); process 0 writes the files
+    return fcheckpoints.save_model(path, recipe.model, module, dict(recipe.model_overrides))
 
 
 # grain's iterator state holds bytes, which orbax's JSON items cannot
