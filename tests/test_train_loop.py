@@ -62,6 +62,48 @@ def test_cli_list():
     assert "restormer_demo" in res.stdout and "restormer_motion_deblurring" in res.stdout
 
 
+def test_multihost_options_reach_jax_distributed_initialize(monkeypatch, tmp_path, capsys):
+    """What a pod host passes on the command line is what JAX's coordination service gets (a
+    flag parsed and then dropped would leave the job on JAX's defaults), and multi-host options
+    without --distributed are refused rather than ignored."""
+    from flaxrestore.xla_cpu import tuning
+    from train.__main__ import main
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def initialize(**kw):
+        seen.update(kw)
+        raise Started  # stop before any training
+
+    monkeypatch.setattr(jax.distributed, "initialize", initialize)
+    monkeypatch.setattr(tuning, "tune_cpu_process", lambda: {})
+    monkeypatch.delenv("TRAIN_DISTRIBUTED", raising=False)
+    common = ["--config", "restormer_demo", "--workdir", str(tmp_path)]
+    hosts = ["--coordinator", "10.1.2.3:8476", "--num-processes", "4", "--process-id", "3",
+             "--heartbeat-timeout", "15"]
+    with pytest.raises(Started):
+        main(common + ["--distributed"] + hosts)
+    assert seen == {"coordinator_address": "10.1.2.3:8476", "num_processes": 4, "process_id": 3,
+                    "heartbeat_timeout_seconds": 15}
+    seen.clear()
+    with pytest.raises(SystemExit):
+        main(common + hosts[-2:])
+    assert "--heartbeat-timeout: multi-host options, given without --distributed" in \
+        capsys.readouterr().err
+    for bad in ("0", "soon"):
+        with pytest.raises(SystemExit):
+            main(common + ["--distributed", "--heartbeat-timeout", bad])
+        assert "must be a positive number of seconds" in capsys.readouterr().err
+    assert not seen
+    monkeypatch.setenv("TRAIN_DISTRIBUTED", "1")  # the environment's switch counts as the flag
+    with pytest.raises(Started):
+        main(common + hosts[-2:])
+    assert seen == {"heartbeat_timeout_seconds": 15}
+
+
 # ------------------------------------------------------------------------------ run features
 
 FEATURES = [f"model_overrides={TINY}", "batch_size=4", "data.patch_size=16",

@@ -11,7 +11,8 @@
 Re-running a training command in the same workdir resumes it. Multi-host (TPU pods, several GPU
 hosts): pass ``--distributed`` (or set ``TRAIN_DISTRIBUTED=1``) on every host; it calls
 ``jax.distributed.initialize()`` first (arguments from ``--coordinator``, ``--num-processes``,
-``--process-id`` or the platform's environment).
+``--process-id`` or the platform's environment; ``--heartbeat-timeout`` for how soon a silent host
+counts as dead).
 """
 
 from __future__ import annotations
@@ -47,10 +48,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", help="coordinator address host:port (multi-host)")
     p.add_argument("--num-processes", type=int, help="number of hosts (multi-host)")
     p.add_argument("--process-id", type=int, help="this host's index (multi-host)")
+    p.add_argument("--heartbeat-timeout", type=_positive_int, default=None, metavar="SECONDS",
+                   help="multi-host: declare a silent host dead after this long and stop the "
+                        "job (default: JAX's, 100 s); lower it to give a crashed host's slice "
+                        "back sooner")
     from train import plan
 
     plan.add_arguments(p)
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
 
 
 def _compilation_cache(workdir: str) -> None:
@@ -80,6 +95,13 @@ def main(argv=None) -> int:
         return 0
     if not args.config:
         _parser().error("--config is required")
+    multihost = [f for f, v in (("--coordinator", args.coordinator),
+                                ("--num-processes", args.num_processes),
+                                ("--process-id", args.process_id),
+                                ("--heartbeat-timeout", args.heartbeat_timeout)) if v is not None]
+    if multihost and not args.distributed:
+        _parser().error(f"{', '.join(multihost)}: multi-host options, given without --distributed "
+                        "(or TRAIN_DISTRIBUTED=1)")
     if args.command == "plan":  # deviceless TPU compile: no CPU process tuning
         from train import plan
 
@@ -94,7 +116,9 @@ def main(argv=None) -> int:
     if args.distributed:
         kw = {k: v for k, v in (("coordinator_address", args.coordinator),
                                 ("num_processes", args.num_processes),
-                                ("process_id", args.process_id)) if v is not None}
+                                ("process_id", args.process_id),
+                                ("heartbeat_timeout_seconds", args.heartbeat_timeout))
+              if v is not None}
         jax.distributed.initialize(**kw)
 
     from train import checkpointing, evaluation, logs, loop, recipe as recipe_lib
