@@ -61,9 +61,9 @@ def test_release_files_pass_verify_grads(tmp_path, name, seed):
     """Release-layout files of every family and seed: `verify FILE --grads` passes.
 
     Each file is read as the command line reads it (the release's top-level key, strict load
-    into the torch reference) and converted for the Flax side; for the first seed the command
-    itself also runs, against the converted directory. Compiled as the trainer compiles, one
-    program for outputs and gradients per family (verify caches it across files)."""
+    into the torch reference) and converted for the Flax side (the command line itself: the
+    next test). Compiled as the trainer compiles, one program for outputs and gradients per
+    family (verify caches it across files)."""
     h, w = SIZE[name]
     torch_file = _release_file(tmp_path / f"release{seed}.pth", name, seed)
     state = porting.load_state_dict_file(torch_file)
@@ -84,15 +84,32 @@ def test_release_files_pass_verify_grads(tmp_path, name, seed):
     assert d.error() == d.flax_rel != d.rel
     assert d.bound(1e-4, 8.0) == max(1e-4, 8.0 * d.torch_rel)
     assert not report.ok(tol=0.0, k=0.0)
-    if seed == SEEDS[0]:
-        module = porting.load_torch_checkpoint(name, torch_file, **TINY[name])
-        checkpoints.save_model(tmp_path / "flax", name, module, overrides=TINY[name])
-        out = tmp_path / "r.json"
-        assert cli.main(["verify", name, str(torch_file), "--against", str(tmp_path / "flax"),
-                         "--grads", "--jit", "--batch", "1", "--height", str(h), "--width",
-                         str(w), "--seed", str(seed), "--json", str(out)]) == 0
-        doc = json.loads(out.read_text())
-        assert doc["verdict"] == "pass" and len(doc["gradients"]) == len(report.grads)
+
+
+# the command line on a release file: make test runs it for AECR-Net (its release nests the state
+# dict under 'model'), test-all for every family (each first call costs ~10-20 s of tracing the
+# abstract model and orbax start-up beside the comparison above)
+CLI_CASES = [pytest.param(name, id=name, marks=() if name == "aecrnet" else pytest.mark.slow)
+             for name in TINY]
+
+
+@pytest.mark.parametrize("name", CLI_CASES)
+def test_verify_command_on_a_release_file_against_its_conversion(tmp_path, name):
+    """`python -m porting verify FILE --against DIR --grads --jit --json` on a release-layout
+    file and the Flax directory converted from it: exit status 0, a passing JSON verdict with the
+    gradients of the parameters."""
+    h, w = SIZE[name]
+    seed = SEEDS[0]
+    torch_file = _release_file(tmp_path / "release.pth", name, seed)
+    module = porting.load_torch_checkpoint(name, torch_file, **TINY[name])
+    checkpoints.save_model(tmp_path / "flax", name, module, overrides=TINY[name])
+    out = tmp_path / "r.json"
+    assert cli.main(["verify", name, str(torch_file), "--against", str(tmp_path / "flax"),
+                     "--grads", "--jit", "--batch", "1", "--height", str(h), "--width",
+                     str(w), "--seed", str(seed), "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    n_params = len(dict(_reference(name, seed).named_parameters(remove_duplicate=False)))
+    assert doc["verdict"] == "pass" and len(doc["gradients"]) > 0.9 * n_params
 
 
 # ---- a broken port: --against a corrupted Flax directory, located by --layers ----
