@@ -59,11 +59,13 @@ def main(argv=None) -> int:
     deadline = time.time() + 60 * args.budget_minutes if args.budget_minutes else None
     cache = plan.Cache(CACHE)
     slices = {name: plan.topology(name) for name in (MAIN, OTHER)}
+    # recipes not chosen are read from the cache only
+    compiling, reading = ({t: _Planner(sl, cache, cached_only, deadline)
+                           for t, sl in slices.items()} for cached_only in (args.cached_only, True))
     sections, missing = [], 0
     for name in RECIPES:
         recipe = recipe_lib.load(name)
-        planners = {t: _Planner(sl, cache, args.cached_only or name not in chosen, deadline)
-                    for t, sl in slices.items()}
+        planners = compiling if name in chosen else reading
         sl = slices[MAIN]
         stages = plan.stages_of(recipe, len(sl.devices), None, None)
         cmd = (f"python -m train plan --config {name} --topology {MAIN} --dtype "
