@@ -66,9 +66,23 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 @pytest.fixture(scope="module")
 def vgg(tmp_path_factory):
     """Random VGG19 weights with torchvision's keys in an .npz (what --set vgg_weights reads),
-    and the torch module holding them (float64)."""
+    and the torch module holding them (float64).
+
+    The biases are torch's default initialisation scaled by 0.1. With full-size random biases
+    the deep features are nearly input-independent: at relu5_1 (1 x 1 for a 16-pixel crop) the
+    restored, clean and hazy images' features (mean 3.6e-3) differed by 5e-8, below float32's
+    rounding of them, so the signs of AECR-Net's contrastive L1 were noise and torch's own
+    float32 gradients came out 2.2e-3 (of the largest) from float64 (measured; Flax's
+    2.2e-4..1.3e-3 depending on the CPU's instruction set and XLA's optimisation level). A
+    pretrained VGG's features follow the image; so do these (torch float32 within 4.3e-7 of
+    float64 for AECR-Net's loss).
+    """
     torch.manual_seed(0)
     tv = VGG19Features(num_layers=30)
+    with torch.no_grad():
+        for name, p in tv.named_parameters():
+            if name.endswith("bias"):
+                p.mul_(0.1)
     path = tmp_path_factory.mktemp("vgg") / "vgg19_random.npz"
     np.savez(path, **{k: v.numpy() for k, v in tv.state_dict().items()})
     return str(path), tv.double().eval()
@@ -113,13 +127,8 @@ def run_step(recipe, batch):
         frozen = {"vgg": step_lib.replicate(mesh, vgg_params)}
     step = step_lib.make_train_step(recipe, model, tx, mesh, vgg_graph)
     args = (state, step_lib.global_batch(mesh, batch), frozen)
-    # LLVM optimisation off: these tiny programs compile ~1.5x faster. Not for AECR-Net's float32
-    # step: there its output conv's bias gradient came out 1.3e-3 (relative) from torch's
-    # float64, against 1e-5 when optimised (measured; not understood yet). Its bfloat16 step,
-    # held to bfloat16 bounds (1%), compiles unoptimised too.
-    exact = recipe.model_family == "aecrnet" and recipe.dtype == "float32"
-    options = {} if exact else FAST_COMPILE
-    compiled = step.lower(*args).compile(compiler_options=options)
+    # LLVM optimisation off: these tiny programs compile ~1.5x faster
+    compiled = step.lower(*args).compile(compiler_options=FAST_COMPILE)
     new, metrics = jax.device_get(compiled(*args))
     assert bool(metrics["finite"]) and int(new["step"]) == 1
     grads = jax.tree.map(lambda m: m / (1.0 - recipe.optimizer.b1), _adam_mu(new["opt_state"]))
@@ -200,21 +209,18 @@ def test_family_step_matches_torch_and_bfloat16(family, vgg):
 
     # the loss
     loss = float(metrics["loss"])
-    # float32 vs float64: measured 1e-7..1e-6 relative; AECR-Net 1.2e-5 (FastDeconv's iterative
-    # inverse square root of the covariance in float32)
-    assert abs(loss - loss_t) <= (5e-5 if family == "aecrnet" else 1e-5) * abs(loss_t), \
-        (loss, loss_t)
+    # float32 vs float64: measured 1e-7..1e-6 relative
+    assert abs(loss - loss_t) <= 1e-5 * abs(loss_t), (loss, loss_t)
     print(f"{family}: loss {loss:.6g}, torch float64 {loss_t:.6g}, relative difference "
           f"{abs(loss - loss_t) / abs(loss_t):.1e}")
 
     # the gradients
     grads_f = convert.state_to_torch_layout(module0, grads)
     assert set(grads_t) <= set(grads_f)
-    # per tensor, relative to its largest entry, with a floor relative to the largest gradient
-    # overall: 1e-5, and 1e-4 for AECR-Net, whose float32 FastDeconv (an iterated inverse square
-    # root of the patch covariance) puts its whole forward 1e-5 from float64 (measured 3e-5)
+    # per tensor, relative to its largest entry, with a floor of 1e-5 of the largest gradient
+    # overall
     g_scale = max(float(np.abs(g).max()) for g in grads_t.values())
-    floor = 1e-4 if family == "aecrnet" else 1e-5
+    floor = 1e-5
     worst = 0.0
     for k, g_t in grads_t.items():
         err = float(np.abs(grads_f[k] - g_t).max())
