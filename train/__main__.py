@@ -8,7 +8,10 @@
     python -m train plan --config NAME --topology v5e:2x4 [--batch N] [--patch P] [--dtype ...]
                                                     # compile for a TPU slice, no TPU needed
 
-Re-running a training command in the same workdir resumes it. Multi-host (TPU pods, several GPU
+Re-running a training command in the same workdir resumes it, from the newest checkpoint that
+restores completely (damaged newer ones are named and set aside as ``<step>.damaged``). Exit
+status: 0 done; 1 no intact checkpoint, or the one asked for cannot be restored; 3 non-finite
+loss; 4 a checkpoint or export could not be written (the earlier ones are intact). Multi-host (TPU pods, several GPU
 hosts): pass ``--distributed`` (or set ``TRAIN_DISTRIBUTED=1``) on every host; it calls
 ``jax.distributed.initialize()`` first (arguments from ``--coordinator``, ``--num-processes``,
 ``--process-id`` or the platform's environment; ``--heartbeat-timeout`` for how soon a silent host
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
               if v is not None}
         jax.distributed.initialize(**kw)
 
-    from train import checkpointing, evaluation, logs, loop, recipe as recipe_lib
+    from train import checkpointing, recipe as recipe_lib
 
     recipe = recipe_lib.load(args.config, args.overrides)
     if args.command == "show":
@@ -130,6 +133,19 @@ def main(argv=None) -> int:
     if not args.workdir:
         _parser().error("--workdir is required")
     _compilation_cache(args.workdir)
+    try:
+        return _run(args, recipe)
+    except checkpointing.SaveFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    except checkpointing.CheckpointError as e:  # no intact checkpoint, the one asked is damaged
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args, recipe) -> int:
+    from train import checkpointing, evaluation, logs, loop
+
     if args.command == "train":
         try:
             loop.train(recipe, args.workdir, max_steps=args.max_steps)

@@ -7,7 +7,7 @@ Work directory layout (``--workdir DIR``)::
     DIR/metrics.jsonl, DIR/tb/   metrics as JSON lines and TensorBoard scalars (train/logs.py)
     DIR/export/final, best       Flax model directories of the weights (train/checkpointing.py)
 
-Re-running the same command resumes from the newest complete checkpoint, bit-exact: the data
+Re-running the same command resumes from the newest intact checkpoint, bit-exact: the data
 iterator's state is checkpointed with the weights. Validation (train/evaluation.py) runs every
 ``eval_every`` steps on the EMA weights when the recipe keeps them.
 """
@@ -86,11 +86,15 @@ def train(recipe: Recipe, workdir: str, *, devices=None, max_steps: int | None =
             f"{recipe.total_steps} steps, global batch {recipe.batch_size}, "
             f"{mesh.size} device(s) on {jax.process_count()} host(s), dtype {recipe.dtype}")
         log(f"optimizer: {schedules.describe(recipe.optimizer)}")
-    _write_recipe(workdir, recipe)
 
     ema = recipe.ema_decay > 0
     abstract = step_lib.abstract_state(model, tx, ema)
+    # the newest intact checkpoint, damaged newer ones set aside; before anything is written
+    # (with none intact, NoIntactCheckpoint leaves the workdir as it was)
+    resumed = checkpointing.resume(workdir, abstract, mesh)
+    _write_recipe(workdir, recipe)
     mngr = checkpointing.checkpoint_manager(workdir, recipe)
+    saver = checkpointing.Saver(mngr, workdir)
     dmod = recipe_lib.data_module(recipe)
     train_cfg = recipe_lib.data_config(recipe, recipe.data)
     per_host = recipe.batch_size // jax.process_count()
@@ -98,9 +102,8 @@ def train(recipe: Recipe, workdir: str, *, devices=None, max_steps: int | None =
                                   process_index=jax.process_index(),
                                   process_count=jax.process_count())
     meta = {"best_value": None, "best_step": None}
-    latest = mngr.latest_step()
-    if latest is not None:
-        state, data_state, meta = checkpointing.restore_checkpoint(mngr, latest, abstract, mesh)
+    if resumed is not None:
+        latest, state, data_state, meta = resumed
         it.set_state(data_state)
         if main:
             log(f"resumed from step {latest} in {workdir}")
@@ -136,7 +139,7 @@ def train(recipe: Recipe, workdir: str, *, devices=None, max_steps: int | None =
         return checkpointing.eval_params(recipe, s)
 
     def save(s, t, metrics=None):
-        checkpointing.save(mngr, t, s, it.get_state(), dict(meta, recipe=recipe.name), metrics)
+        saver.save(t, s, it.get_state(), dict(meta, recipe=recipe.name), metrics)
 
     def run_eval(s, t):
         values = evaluator(eval_params(s), s["model_state"])
@@ -213,8 +216,11 @@ def train(recipe: Recipe, workdir: str, *, devices=None, max_steps: int | None =
             save(state, t)
             last_good = t
             log(f"\nstopped by signal {stop['signal']} at step {t}; checkpoint saved")
+        saver.wait()  # SaveFailed if the last save failed
+    except BaseException:
+        saver.wait_quietly()  # the error being raised is the one to report
+        raise
     finally:
-        mngr.wait_until_finished()
         for sig, h in old_handlers.items():
             signal.signal(sig, h)
         pbar.close()
@@ -229,13 +235,19 @@ def train(recipe: Recipe, workdir: str, *, devices=None, max_steps: int | None =
         if meta.get("best_step") is not None:
             best_step = int(meta["best_step"])
             if best_step in mngr.all_steps():
-                bstate = state if best_step == t else checkpointing.restore_checkpoint(mngr, best_step, abstract,
-                                                                         mesh)[0]
-                best = checkpointing.export_weights(os.path.join(workdir, "export", "best"), recipe, model,
-                                      eval_params(bstate), bstate["model_state"])
-                if main:
-                    log(f"exported the best weights (step {best_step}, {recipe.best_metric} "
-                        f"{meta['best_value']:.4f}) to {best}")
+                try:
+                    bstate = state if best_step == t else checkpointing.restore_checkpoint(
+                        workdir, best_step, abstract, mesh)[0]
+                except checkpointing.DamagedCheckpoint as e:
+                    bstate = None
+                    log(f"warning: export/best not written: {e}")
+                if bstate is not None:
+                    best = checkpointing.export_weights(os.path.join(workdir, "export", "best"),
+                                                        recipe, model, eval_params(bstate),
+                                                        bstate["model_state"])
+                    if main:
+                        log(f"exported the best weights (step {best_step}, {recipe.best_metric} "
+                            f"{meta['best_value']:.4f}) to {best}")
     mngr.close()
     return RunResult(t, state, evals, workdir, model)
 
