@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from flaxrestore.xla_cpu import tuning
+
+    tuning.cpu_when_no_accelerator()  # before jax starts: no libtpu start-up noise on a CPU host
     try:
         return args.fn(args)
     except ModuleNotFoundError as e:

@@ -44,3 +44,23 @@ def lowering_mode(request):
 
     with lowering.accelerator_path(request.param == "accelerator-path"):
         yield request.param
+
+
+# Each family's demo recipe at tiny widths (compile time grows with the number of blocks) with a
+# crop the network accepts: (config, patch, --set overrides). The DarkIR and AECR-Net entries
+# also switch on the VGG terms of the published recipes (LOLBlur's two perceptual terms,
+# ITS's contrastive regularisation), which the demos leave off without VGG weights.
+TINY_RECIPES = {
+    "restormer": ("restormer_demo:blur", 16, [
+        "model_overrides={'dim': 8, 'num_blocks': (1, 0, 0, 0), 'num_refinement_blocks': 0, "
+        "'heads': (1, 1, 1, 1)}"]),
+    "mprnet": ("mprnet_demo", 16, [
+        "model_overrides={'n_feat': 8, 'scale_unetfeats': 4, 'scale_orsnetfeats': 4, "
+        "'num_cab': 1}"]),
+    "darkir": ("darkir_demo", 16, [  # one level: side output at 1/2
+        "model_overrides={'width': 4, 'enc_blk_nums': (1,), 'dec_blk_nums': (1,), "
+        "'middle_blk_num_enc': 1, 'middle_blk_num_dec': 1}", "losses.1.weight=0.01",
+        "losses.4.weight=0.01"]),
+    "snr": ("snr_demo", 32, ["model_overrides={'nf': 8}"]),
+    "aecrnet": ("aecrnet_demo", 16, ["model_overrides={'ngf': 8}", "losses.1.weight=0.1"]),
+}

@@ -162,3 +162,58 @@ def test_the_compilers_out_of_memory_message_is_read():
            "temporaries (27.48G) exceeds available HBM (15.75G).")
     assert plan._oom_sizes(msg) == (int(27.48 * 1024 ** 3), int(15.75 * 1024 ** 3))
     assert plan._oom_sizes("INTERNAL: something else") is None
+
+
+def test_a_cached_plan_is_recompiled_after_a_model_change(monkeypatch, tmp_path):
+    """The cache is checked by the lowered program: a change to a model file (here SNR-Aware's
+    output conv made to add 0.5) recompiles; an unchanged program is a hit. Compiles are
+    counted, not run (the real compile is the fixture's above)."""
+    import jax
+
+    from flaxrestore.models import snr
+    from train.plan import cache as cache_lib
+
+    compiled = []
+
+    def fake_compile(recipe, sl, lowered, program, patch, batch, mem_fraction):
+        compiled.append(program)
+        return plan.Result(recipe.name, sl.name, sl.chip.generation, recipe.dtype, False, patch,
+                           batch, True, program=program)
+
+    monkeypatch.setattr(cache_lib, "compile_lowered", fake_compile)
+    recipe = recipe_lib.load("snr_demo")
+    sl = plan.topology("v5e:2x2")
+    planner = plan.Planner(sl, plan.Cache(str(tmp_path / "plans.jsonl")))
+    first = planner.plan(recipe, 16, 1)
+    assert planner.plan(recipe, 16, 1).program == first.program and len(compiled) == 1
+    original = snr.SNRNet.__call__
+
+    def changed(self, *args, **kwargs):
+        return jax.tree.map(lambda a: a + 0.5, original(self, *args, **kwargs))
+
+    monkeypatch.setattr(snr.SNRNet, "__call__", changed)
+
+    again = plan.Planner(sl, plan.Cache(str(tmp_path / "plans.jsonl"))).plan(recipe, 16, 1)
+    assert len(compiled) == 2 and again.program != first.program
+
+
+def _cuda_plugin() -> bool:
+    return plan.cuda_plugin_version() is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _cuda_plugin(), reason="needs the CUDA plugin (make gpu-plan-env; "
+                    "make test-gpu-plan runs this test there)")
+def test_demo_step_compiles_for_h100s(tmp_path):
+    """A deviceless H100 compile of the trainer's step (SNR-Aware's demo, two GPUs): per-GPU
+    memory from the compiler, the fit judged against 75% of 80 GB, FLOPs from the jaxpr."""
+    cache = tmp_path / "plan.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "train", "plan", "--config", "snr_demo",
+                           "--topology", "h100:2", "--batch", "1", "--patch", "16", "--cache",
+                           str(cache)], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 x h100 GPU" in proc.stdout
+    (rec,) = [json.loads(line)["result"] for line in cache.read_text().splitlines()]
+    assert rec["platform"] == "cuda" and rec["fits"] and rec["flops_source"] == "jaxpr"
+    assert rec["limit_bytes"] == int(0.75 * plan.GPUS["h100"].hbm_bytes)
+    assert 0 < rec["needed_bytes"] < rec["limit_bytes"] and rec["flops"] > 2 * 16 * 16 * 9 * 3 * 8

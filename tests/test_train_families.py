@@ -37,23 +37,9 @@ from train import checkpointing, schedules  # noqa: E402
 from train import recipe as recipe_lib  # noqa: E402
 from train import step as step_lib  # noqa: E402
 from train.recipe import LossTerm  # noqa: E402
+from conftest import TINY_RECIPES  # noqa: E402
 
-# tiny widths (compile time grows with the number of blocks), crops the networks accept
-FAMILIES = {
-    "restormer": ("restormer_demo:blur", 16, [
-        "model_overrides={'dim': 8, 'num_blocks': (1, 0, 0, 0), 'num_refinement_blocks': 0, "
-        "'heads': (1, 1, 1, 1)}"]),
-    "mprnet": ("mprnet_demo", 16, [
-        "model_overrides={'n_feat': 8, 'scale_unetfeats': 4, 'scale_orsnetfeats': 4, "
-        "'num_cab': 1}"]),
-    "darkir": ("darkir_demo", 16, [  # one level: side output at 1/2; the LOLBlur recipe's two
-        # VGG terms on (the demo leaves them off without VGG weights)
-        "model_overrides={'width': 4, 'enc_blk_nums': (1,), 'dec_blk_nums': (1,), "
-        "'middle_blk_num_enc': 1, 'middle_blk_num_dec': 1}", "losses.1.weight=0.01",
-        "losses.4.weight=0.01"]),
-    "snr": ("snr_demo", 32, ["model_overrides={'nf': 8}"]),
-    "aecrnet": ("aecrnet_demo", 16, ["model_overrides={'ngf': 8}", "losses.1.weight=0.1"]),
-}
+FAMILIES = TINY_RECIPES
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 

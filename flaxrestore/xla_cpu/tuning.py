@@ -150,9 +150,26 @@ def retain_freed_cpu_memory() -> bool:
     return ok
 
 
+def cpu_when_no_accelerator() -> bool:
+    """Sets ``JAX_PLATFORMS=cpu`` where jax would end up on the CPU anyway (no GPU plugin, and
+    libtpu installed without TPU device files); True if set. libtpu, installed for the
+    deviceless compiles of ``python -m train plan``, otherwise prints its start-up errors
+    ("Failed to find host bounds ...", "unexpected worker hostname ...") on every start of a
+    CPU-only process. Nothing is changed where ``JAX_PLATFORMS`` is set or an accelerator may be
+    present. Call it before jax starts."""
+    import os
+
+    if os.environ.get("JAX_PLATFORMS", "").strip() or _accelerator_likely():
+        return False
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    return True
+
+
 def tune_cpu_process() -> dict[str, bool]:
-    """Both process-wide settings for CPU runs, for an entry point to call before jax starts:
-    :func:`prefer_memory_saving_cpu_scheduler` and :func:`retain_freed_cpu_memory`. Returns
-    which were applied."""
+    """The process-wide settings for CPU runs, for an entry point to call before jax starts:
+    :func:`cpu_when_no_accelerator`, :func:`prefer_memory_saving_cpu_scheduler` and
+    :func:`retain_freed_cpu_memory`. Returns which were applied."""
+    cpu_only = cpu_when_no_accelerator()
     prefer_memory_saving_cpu_scheduler()
-    return {"memory_saving_scheduler": True, "retain_freed_memory": retain_freed_cpu_memory()}
+    return {"cpu_platform_set": cpu_only, "memory_saving_scheduler": True,
+            "retain_freed_memory": retain_freed_cpu_memory()}
