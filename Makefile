@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[torch,dev,tpu]'
+	$(PY) -m pip install --quiet -e '.[torch,dev,tpu,export]'
+	$(PY) -m pip install --quiet --no-deps jax2onnx==0.17.1  # see the export extra in pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
