@@ -136,11 +136,28 @@ def main(argv=None) -> int:
     try:
         return _run(args, recipe)
     except checkpointing.SaveFailed as e:
+        _join_orbax_threads()
         print(f"error: {e}", file=sys.stderr)
         return 4
     except checkpointing.CheckpointError as e:  # no intact checkpoint, the one asked is damaged
         print(f"error: {e}", file=sys.stderr)
         return 1
+
+
+def _join_orbax_threads(timeout: float = 60.0) -> None:
+    """Lets the threads a failed save left running (orbax's writers of the items that had not
+    failed) finish before the error line and the exit: at exit they can no longer start work
+    and end in tracebacks after the error line."""
+    import threading
+    import time
+
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if type(t).__module__.startswith("orbax.") and t is not threading.current_thread():
+            try:
+                t.join(max(0.0, deadline - time.monotonic()))
+            except Exception:  # orbax's threads re-raise their failure in join()
+                pass
 
 
 def _run(args, recipe) -> int:

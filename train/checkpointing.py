@@ -150,13 +150,57 @@ def _read_here(directory: str, step: int, args: dict[str, ocp.args.CheckpointArg
     me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                             active_processes={jax.process_index()})
     out = {}
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler(), multiprocessing_options=me) as ckptr:
-        for item, arg in args.items():  # one at a time, to say which item failed
-            try:
-                out[item] = ckptr.restore(path, args=ocp.args.Composite(**{item: arg}))[item]
-            except Exception as e:  # whatever a damaged file makes orbax / tensorstore raise
-                raise _Unreadable(f"item '{item}': {_oneline(e)}") from None
+    _quiet_echoes(path)
+    _ECHOES["reading"] = True
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler(),
+                              multiprocessing_options=me) as ckptr:
+            for item, arg in args.items():  # one at a time, to say which item failed
+                try:
+                    out[item] = ckptr.restore(path, args=ocp.args.Composite(**{item: arg}))[item]
+                except Exception as e:  # whatever a damaged file makes orbax / tensorstore raise
+                    _ECHOES["failed"] = True
+                    raise _Unreadable(f"item '{item}': {_oneline(e)}") from None
+    finally:
+        _ECHOES["reading"] = False
     return out
+
+
+_ECHOES = {"paths": set(), "installed": False, "failed": False, "reading": False}
+
+
+def _quiet_echoes(path: str) -> None:
+    """Drops the late echoes of a failed read of checkpoint ``path`` (called before reading
+    it), which is reported in one line. Orbax reads an item's arrays as asyncio tasks on an
+    event loop of its own and, at the first failure, closes that loop while tensorstore still
+    finishes the other reads: their callbacks find the loop closed (an unraisable "Event loop is
+    closed" RuntimeError, printed with a traceback by tensorstore's threads, possibly before the
+    failure reaches this module) and asyncio logs each task whose error nobody retrieved, with
+    its traceback, whenever it is collected (mid-training, or at exit). Only these are dropped:
+    that unraisable error while a checkpoint is read or after one failed, and asyncio's "never
+    retrieved" records whose error names a checkpoint read here."""
+    import logging
+    import sys
+
+    _ECHOES["paths"].add(os.path.join(path, ""))
+    if _ECHOES["installed"]:
+        return
+    _ECHOES["installed"] = True
+    previous = sys.unraisablehook
+
+    def unraisable(u):
+        if not (isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed"
+                and (_ECHOES["failed"] or _ECHOES["reading"])):
+            previous(u)
+
+    def keep(record) -> bool:
+        if not record.getMessage().startswith("Task exception was never retrieved"):
+            return True
+        error = str(record.exc_info[1]) if record.exc_info else record.getMessage()
+        return not any(p in error for p in _ECHOES["paths"])
+
+    sys.unraisablehook = unraisable
+    logging.getLogger("asyncio").addFilter(keep)
 
 
 _NOTE_BYTES = 480
@@ -319,10 +363,12 @@ class Saver:
             raise self._failed(step, e) from e
         self.pending = step
 
-    def wait_quietly(self) -> None:
-        """Waits for the save in the background while another error is being reported."""
+    def close_quietly(self) -> None:
+        """Waits for the save in the background and closes the manager while another error is
+        being reported (a failed save leaves orbax threads that would otherwise end in
+        tracebacks at exit)."""
         try:
-            self.mngr.wait_until_finished()
+            self.mngr.close()
         except Exception:
             pass
 

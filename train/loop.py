@@ -218,7 +218,7 @@ def train(recipe: Recipe, workdir: str, *, devices=None, max_steps: int | None =
             log(f"\nstopped by signal {stop['signal']} at step {t}; checkpoint saved")
         saver.wait()  # SaveFailed if the last save failed
     except BaseException:
-        saver.wait_quietly()  # the error being raised is the one to report
+        saver.close_quietly()  # the error being raised is the one to report
         raise
     finally:
         for sig, h in old_handlers.items():
