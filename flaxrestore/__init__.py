@@ -6,9 +6,10 @@ from flaxrestore import models  # noqa: E402,F401
 
 
 def __getattr__(name):
-    # lazy: `flaxrestore.restore(module, image, ...)` without importing the inference code up front
-    if name == "restore":
+    # lazy: `flaxrestore.restore(module, image, ...)` and `flaxrestore.export(module, path, ...)`
+    # without importing the inference or export code (onnx, jax2onnx) up front
+    if name in ("restore", "export"):
         import importlib
 
-        return importlib.import_module("flaxrestore.restore")  # a callable module, see restore.py
+        return importlib.import_module(f"flaxrestore.{name}")  # callable modules, see restore.py
     raise AttributeError(f"module 'flaxrestore' has no attribute {name!r}")

@@ -3,6 +3,8 @@
     python -m flaxrestore list
     python -m flaxrestore restore NAME --weights PATH --input FILE|DIR|GLOB --output DIR
         [--tile T] [--tile-overlap O] [--ensemble] [--dtype bfloat16] [--batch N]
+    python -m flaxrestore export NAME --weights PATH --format onnx|stablehlo --out FILE
+        (--height H --width W [--batch N] | --dynamic) [--dtype float32|bfloat16|float16]
 
 PATH is a PyTorch checkpoint (.pth/.pt/.ckpt/.safetensors, converted on the fly; needs the torch
 extra except for safetensors) or a Flax model directory (``model.json`` + ``state/``). Outputs are
@@ -195,6 +197,29 @@ def run_restore(args) -> int:
     return 1 if failed else 0
 
 
+def run_export(args) -> int:
+    from flaxrestore import export
+
+    if args.dynamic and (args.height is not None or args.width is not None or
+                         args.batch is not None):
+        raise CliError("--dynamic exports any batch, height and width: give no --height, "
+                       "--width or --batch with it")
+    if not args.dynamic and (args.height is None or args.width is None):
+        raise CliError("give the image size with --height H --width W, or --dynamic")
+    module = load_weights(args.name, args.weights, key=args.key,
+                          overrides=parse_overrides(args.config))
+    try:
+        report = export.export(module, args.out, format=args.format, height=args.height,
+                               width=args.width, dynamic=args.dynamic, dtype=args.dtype,
+                               batch=args.batch, platforms=tuple(args.platforms.split(",")),
+                               log=lambda line: print(line, file=sys.stderr))
+    except export.ExportError as e:
+        print(f"export failed: {e}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0
+
+
 def run_list(args) -> int:
     from flaxrestore import models
     for name in models.names():
@@ -229,6 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "width, e.g. --config dim=16 (repeatable; Python literals)")
     r.add_argument("--key", help="entry of the checkpoint that holds the state dict "
                                  "(default: found automatically)")
+    x = sub.add_parser("export", help="write the model with its test-time protocol as an ONNX "
+                                      "or StableHLO file, checked against the Flax model")
+    x.add_argument("name", help="registered model name, e.g. restormer:motion_deblurring")
+    x.add_argument("--weights", required=True,
+                   help="PyTorch checkpoint (.pth/.pt/.safetensors) or Flax model directory")
+    x.add_argument("--format", required=True, choices=("onnx", "stablehlo"))
+    x.add_argument("--out", required=True, help="the file to write")
+    x.add_argument("--height", type=int, help="image height the file takes")
+    x.add_argument("--width", type=int, help="image width the file takes")
+    x.add_argument("--batch", type=int, help="images per call for --height/--width (1)")
+    x.add_argument("--dynamic", action="store_true",
+                   help="any batch, height and width (where the network and format allow it)")
+    x.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="precision of weights and computation; input/output stay float32")
+    x.add_argument("--platforms", default="cpu,cuda,tpu",
+                   help="StableHLO: platforms to lower for (cpu,cuda,tpu)")
+    x.add_argument("--config", action="append", metavar="KEY=VALUE",
+                   help="override a config field of NAME for a PyTorch checkpoint of another "
+                        "width (repeatable; Python literals)")
+    x.add_argument("--key", help="entry of the checkpoint that holds the state dict")
     return parser
 
 
@@ -237,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return run_list(args)
+        if args.command == "export":
+            return run_export(args)
         if args.batch < 1:
             raise CliError("--batch must be >= 1")
         return run_restore(args)
