@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from flaxrestore.xla_cpu import tuning
+
+    tuning.cpu_when_no_accelerator()  # before jax starts: no libtpu start-up noise on a CPU host
     try:
         if args.command == "list":
             return run_list(args)
