@@ -257,7 +257,7 @@ def test_no_intact_checkpoint_is_one_error_line(base, tmp_path, env):
     missing_commit_marker(os.path.join(ckpts, "4"))
     cut_json_item(os.path.join(ckpts, "2"))
     before = _snapshot(work)
-    res = _train(env, work, 10)
+    res = _train(env, work, 10, "log_every=1")  # (a changed recipe would rewrite recipe.json)
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: no intact checkpoint in {ckpts}: "), \

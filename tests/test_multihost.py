@@ -2,20 +2,26 @@
 with ``python -m train ... --distributed --coordinator 127.0.0.1:PORT --num-processes 2
 --process-id I`` (JAX's coordination service, gloo collectives), against 1 process x 4 devices.
 
-One test, three launches (they share the expensive part, starting and compiling):
+One test, four launches (they share the expensive part, starting and compiling):
 
 A. 1 process x 4 devices, uninterrupted, fed the same global batches as the pod: this module is
    also a data module (``data_module='test_multihost'``) that runs ``train.data``'s real
    pipeline for both hosts of a 2-host run and concatenates their rows in process order.
 B. 2 processes x 2 devices on the real ``train.data``; process 0 (the coordinator, also the one
-   that writes checkpoints) is SIGKILLed once checkpoint 4 is complete: process 1 must stop by
+   that writes checkpoints) is SIGKILLed once checkpoint 6 is complete: process 1 must stop by
    itself, and nothing is exported.
-C. both processes started again with the same command: they resume from the last complete
-   checkpoint and finish.
+C. both processes started again with the same command, after the last checkpoint (``done``) was
+   cut short (its state files cut to 100 bytes, issue 34) and with the one before unreadable
+   for process 1 alone (an I/O error, simulated): both must choose the same checkpoint, the one
+   before those two, set the two aside, resume from it and finish.
+D. alongside C, a copy of B's work directory run again with a disk that fills (simulated) while
+   process 0 writes the next checkpoint: process 0 stops with exit status 4 naming the cause
+   and the last complete checkpoint, process 1 stops too (within seconds, not orbax's barrier
+   timeouts), and the checkpoints written before are intact.
 
 Checked: at every step the two processes read disjoint rows whose concatenation is A's global
 batch (``TRAIN_ROWS_LOG``, a per-process log of row checksums written by ``train.loop``); the
-parameters of B's checkpoint 4 and C's final export equal A's (bit-exact: measured so; the
+parameters of checkpoint 4 and C's final export equal A's (bit-exact: measured so; the
 reductions run in the same order); process 1 writes no logs, metrics or exports and prints
 nothing (a Python audit hook records every file it opens for writing).
 """
@@ -25,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -112,6 +119,28 @@ def hook(event, args):
             out.write(event + " " + os.path.relpath(p, workdir) + "\n")
 
 sys.addaudithook(hook)
+
+# simulated faults (tests of issue 34): this process cannot read checkpoint TEST_UNREADABLE_STEP
+# (an I/O error), or its disk is full while it writes checkpoint TEST_DISK_FULL_AT
+import errno
+if os.environ.get("TEST_UNREADABLE_STEP"):
+    import orbax.checkpoint as ocp
+    restore = ocp.Checkpointer.restore
+    def unreadable(self, directory, *a, **k):
+        if os.path.basename(os.fspath(directory)) == os.environ["TEST_UNREADABLE_STEP"]:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), os.fspath(directory))
+        return restore(self, directory, *a, **k)
+    ocp.Checkpointer.restore = unreadable
+if os.environ.get("TEST_DISK_FULL_AT"):
+    from etils import epath
+    cls = type(epath.Path("/"))
+    write_text = cls.write_text
+    def full(self, *a, **k):
+        if f"/checkpoints/{os.environ['TEST_DISK_FULL_AT']}.orbax-checkpoint-tmp" in os.fspath(self):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(self))
+        return write_text(self, *a, **k)
+    cls.write_text = full
+
 sys.argv = ["train", *sys.argv[3:]]
 from train.__main__ import main
 sys.exit(main())
@@ -164,15 +193,24 @@ def _train_args(workdir, extra=()):
             *[a for o in [*SETS, *extra] for a in ("--set", o)]]
 
 
-def _pod(procs, tmp, workdir, tag):
+def _pod(procs, tmp, workdir, tag, faults=None, rows="rows_pod", writes="writes"):
+    """Starts both processes of a 2-host job; ``faults``: process -> environment (see LAUNCH)."""
     port = _free_port()
     out = []
     for i in range(2):
         args = _train_args(workdir) + ["--distributed", "--coordinator", f"127.0.0.1:{port}",
                                        "--num-processes", "2", "--process-id", str(i)]
-        out.append(procs.start(args, _env(2, str(tmp / "rows_pod")), tmp / f"{tag}.{i}.log",
-                               str(tmp / f"writes.{i}")))
+        env = dict(_env(2, str(tmp / rows)), **(faults or {}).get(i, {}))
+        out.append(procs.start(args, env, tmp / f"{tag}.{i}.log", str(tmp / f"{writes}.{i}")))
     return out
+
+
+def _cut_files(checkpoint):
+    """The damage of issue 34: every file over 1 KiB of the state item cut to 100 bytes."""
+    for dirpath, _, files in os.walk(checkpoint / "state"):
+        for f in files:
+            if os.path.getsize(os.path.join(dirpath, f)) > 1024:
+                os.truncate(os.path.join(dirpath, f), 100)
 
 
 def _wait(ps, timeout, tmp, tag):
@@ -258,8 +296,8 @@ def test_two_processes_train_as_one(tmp_path):
                         str(tmp_path / "writes.A"))
         b = _pod(procs, tmp_path, pod, "B")
         deadline = time.time() + 300
-        while not (pod / "checkpoints" / "4").is_dir():  # renamed there once complete
-            assert time.time() < deadline, "no checkpoint 4 after 300 s\n" + _logs(tmp_path, "B")
+        while not (pod / "checkpoints" / "6").is_dir():  # renamed there once complete
+            assert time.time() < deadline, "no checkpoint 6 after 300 s\n" + _logs(tmp_path, "B")
             assert b[0].poll() is None and b[1].poll() is None, _logs(tmp_path, "B")
             time.sleep(0.01)
         os.killpg(b[0].pid, signal.SIGKILL)  # the coordinator, mid-run: no handler runs
@@ -268,15 +306,41 @@ def test_two_processes_train_as_one(tmp_path):
         assert codes[1] != 0, "the surviving process finished a run whose peer was killed"
         assert not (pod / "export").exists()
         done = max(int(d.name) for d in (pod / "checkpoints").iterdir() if d.name.isdigit())
-        assert 4 <= done < TOTAL
+        assert 6 <= done < TOTAL
+        full = tmp_path / "pod_full"
+        shutil.copytree(pod, full)
 
-        # C: the same command again on both processes resumes
-        c = _pod(procs, tmp_path, pod, "C")
+        # C: the same command again on both processes resumes, past checkpoint `done` (cut) and
+        # `done - 2` (process 1 cannot read it)
+        _cut_files(pod / "checkpoints" / str(done))
+        c = _pod(procs, tmp_path, pod, "C", faults={1: {"TEST_UNREADABLE_STEP": str(done - 2)}})
+        # D: the disk fills while process 0 writes the next checkpoint
+        d = _pod(procs, tmp_path, full, "D", faults={0: {"TEST_DISK_FULL_AT": str(done + 2)}},
+                 rows="rows_full", writes="writes.D")
+        d_codes = _wait(d, 300, tmp_path, "D")
         assert _wait(c, 300, tmp_path, "C") == [0, 0], _logs(tmp_path, "C")
         assert _wait([a], 300, tmp_path, "A") == [0], _logs(tmp_path, "A")
 
+    # D: stopped, saying why, on both processes; the checkpoints before are intact
+    assert d_codes[0] == 4 and d_codes[1] != 0, (d_codes, _logs(tmp_path, "D"))
+    error = (tmp_path / "D.0.log").read_text().strip().splitlines()[-1]
+    assert error.startswith(f"error: saving checkpoint {done + 2} failed (OSError: [Errno 28] No "
+                            "space left on device"), _logs(tmp_path, "D")
+    assert f"the last complete checkpoint is step {done} in {full}" in error
+    assert sorted(int(p.name) for p in (full / "checkpoints").iterdir() if p.name.isdigit()) == \
+        list(range(2, done + 1, 2))
+    _assert_close(_params_of_checkpoint(full, done), _params_of_checkpoint(single, done),
+                  f"checkpoint {done} after the failed save")
+
     log0 = (tmp_path / "C.0.log").read_text()
-    assert f"resumed from step {done}" in log0, log0[-3000:]
+    ckpts = pod / "checkpoints"
+    assert (f"warning: checkpoint {done} cannot be restored (item 'state': JSONDecodeError: "
+            in log0), log0[-3000:]
+    assert (f"warning: checkpoint {done - 2} cannot be restored (on process 1: item 'state': "
+            f"OSError: [Errno 5] Input/output error: '{ckpts / str(done - 2)}'); set aside as "
+            f"{ckpts / str(done - 2)}.damaged; using step {done - 4}") in log0, log0[-3000:]
+    assert f"resumed from step {done - 4}" in log0, log0[-3000:]
+    assert (ckpts / f"{done}.damaged").is_dir() and (ckpts / f"{done - 2}.damaged").is_dir()
     assert "4 device(s) on 2 host(s)" in log0
 
     # every step: disjoint halves that make up the single process's global batch

@@ -136,6 +136,14 @@ def main(argv=None) -> int:
     try:
         return _run(args, recipe)
     except checkpointing.SaveFailed as e:
+        import jax
+
+        if jax.process_count() > 1:
+            # orbax's threads of the failed save wait at barriers for the other processes,
+            # which wait for this one: leave without them (the others stop as after a crash)
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(4)
         _join_orbax_threads()
         print(f"error: {e}", file=sys.stderr)
         return 4

@@ -328,10 +328,17 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_state, meta, metric
 
 
 class Saver:
-    """Saves of a run, and what became of them: orbax writes a checkpoint in the background and
-    reports a failure at the next save or wait. A failure raises :class:`SaveFailed` naming the
-    cause and the last complete checkpoint. Orbax deletes the checkpoints that the keep-policy
-    drops only after the new one has been written, so a failed save leaves them all."""
+    """Saves of a run, and what became of them: orbax writes a checkpoint in the background;
+    :meth:`check` (every step, no waiting) and :meth:`wait` raise :class:`SaveFailed` naming
+    the cause and the last complete checkpoint once it failed. Orbax deletes the checkpoints that
+    the keep-policy drops only after the new one has been written, so a failed save leaves them
+    all. The run stops there rather than retrying at the next interval: a full disk or a
+    permission stays so, and a run that goes on without checkpoints risks more than it saves.
+
+    In a job of several processes a failed write leaves orbax's threads of that save waiting at
+    barriers for the other processes (which wait for them in turn, up to orbax's timeouts of
+    minutes); the command line then exits at once (``train.__main__``), and the other processes
+    stop as after a crash of this one."""
 
     def __init__(self, mngr: ocp.CheckpointManager, workdir: str):
         self.mngr, self.workdir = mngr, workdir
@@ -348,12 +355,24 @@ class Saver:
 
     def wait(self) -> None:
         """Waits for the save in the background; raises :class:`SaveFailed` if it failed."""
+        # orbax's wait joins threads that, where a write failed in a job of several processes,
+        # wait at barriers the failed process never reaches: watch for the failure meanwhile
+        while self.pending is not None and self.mngr.is_saving_in_progress():
+            self.check()
+            time.sleep(0.02)
         try:
             self.mngr.wait_until_finished()
         except Exception as e:
             raise self._failed(self.pending, e) from e
         if self.pending is not None:
             self.good, self.pending = self.pending, None
+
+    def check(self) -> None:
+        """Raises :class:`SaveFailed` if the save in the background has failed (no waiting)."""
+        try:
+            self.mngr.check_for_errors()
+        except Exception as e:
+            raise self._failed(self.pending, e) from e
 
     def save(self, step: int, state, data_state, meta, metrics=None) -> None:
         self.wait()
@@ -366,7 +385,10 @@ class Saver:
     def close_quietly(self) -> None:
         """Waits for the save in the background and closes the manager while another error is
         being reported (a failed save leaves orbax threads that would otherwise end in
-        tracebacks at exit)."""
+        tracebacks at exit). Not in a job of several processes: there that waits at barriers
+        that the other processes may never reach."""
+        if jax.process_count() > 1:
+            return
         try:
             self.mngr.close()
         except Exception:

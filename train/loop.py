@@ -187,6 +187,7 @@ def train(recipe: Recipe, workdir: str, *, devices=None, max_steps: int | None =
             state, metrics = train_step(state, batch, frozen)
             if serial:
                 jax.block_until_ready(metrics)
+            saver.check()  # a save that failed in the background stops the run now
             t += 1
             window_steps += 1
             pbar.update()
