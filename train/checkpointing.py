@@ -246,7 +246,11 @@ def _set_aside(directory: str, step: int) -> str:
         while os.path.exists(dst):
             n += 1
             dst = f"{src}{SET_ASIDE}-{n}"
-        os.rename(src, dst)
+        try:
+            os.rename(src, dst)
+        except OSError as e:
+            raise CheckpointError(f"checkpoint {step} cannot be restored and cannot be set aside "
+                                  f"({_oneline(e)})") from e
     _sync(f"set aside checkpoint {step}")
     return dst
 
