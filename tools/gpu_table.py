@@ -120,7 +120,7 @@ def main(argv=None) -> int:
                 total = plan.schedule_seconds(rows) if rows else None
                 if total is not None:
                     totals.append(f"{d}: {recipe.total_steps} steps take at least "
-                                  f"{plan._duration(total)} (roofline bound)")
+                                  f"{plan._duration(total)} (FLOP bound)")
             lines += ["", *[f"- {t}" for t in totals], ""]
         patch, global_batch = _hungriest(recipe, stages)
         lines += [f"One GPU, the most memory-hungry stage ({patch}x{patch}, the paper's batch "
@@ -199,9 +199,11 @@ How to read a row (figures per GPU):
   `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` more is usable (`--mem-fraction 0.95` plans for it).
 - **GFLOP/step**: every operation of the step's jaxpr (`jax.experimental.roofline`; convolutions
   and matmuls as 2 x multiply-adds); the compiled GPU executables have no cost analysis here.
-- **roofline ms/step** = max(FLOPs / peak, (arguments + outputs) / bandwidth): a lower bound from
-  the published peaks below, not a measurement; convolutions with few channels reach a small
-  part of the tensor cores' peak. **img/s/GPU** follows from it.
+- **FLOP bound ms/step** = max(FLOPs / peak, (arguments + outputs) / bandwidth): a loose lower
+  bound from the published peaks below, not a measurement. Unlike the TPU table's roofline it
+  has no activation traffic in it (the compiler's byte count is not available for GPU programs),
+  and these convolution networks with few channels are usually limited by memory traffic on a
+  GPU, so real steps are many times slower. **img/s/GPU** is the same bound in images.
 - **float32 means TF32 on these GPUs.** JAX's default matmul precision runs float32 convolutions
   and matmuls on Ampere and Hopper as TF32 on the tensor cores (10-bit mantissa inputs, float32
   accumulation), as PyTorch does for convolutions by default; the float32 rows are bounded by the

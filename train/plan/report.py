@@ -50,7 +50,7 @@ HEADER = ("| dtype | steps | patch | batch/chip | arguments GiB | temporaries Gi
           "| HBM GiB | fits | GFLOP/step | GB/step | roofline ms/step | img/s/chip | compile s |")
 SEPARATOR = "|" + "---|" * (HEADER.count("|") - 1)
 GPU_HEADER = ("| dtype | steps | patch | batch/GPU | micro-batches | arguments GiB | temporaries GiB "
-              "| needed GiB | usable GiB | fits | GFLOP/step | roofline ms/step | img/s/GPU "
+              "| needed GiB | usable GiB | fits | GFLOP/step | FLOP bound ms/step | img/s/GPU "
               "| compile s |")
 GPU_SEPARATOR = "|" + "---|" * (GPU_HEADER.count("|") - 1)
 
@@ -119,8 +119,10 @@ FOOTNOTE_GPU = ("usable = --mem-fraction x the GPU's memory (JAX preallocates 75
                 "aliased + temporaries + code, from the deviceless compile (nothing autotuned: "
                 "cuDNN workspaces are not counted, so it is an estimate from below; GEMMs as "
                 "cuBLAS calls, Triton GEMMs off); FLOPs from the step's jaxpr "
-                "(jax.experimental.roofline); roofline = max(FLOPs / peak for the dtype and "
-                "precision, (arguments + outputs) / bandwidth), a lower bound")
+                "(jax.experimental.roofline); FLOP bound = max(FLOPs / peak for the dtype and "
+                "precision, (arguments + outputs) / bandwidth): a loose lower bound (the "
+                "activations' memory traffic, which usually dominates these convolution nets "
+                "on GPUs, is not in it)")
 
 
 # ------------------------------------------------------------------------------------ command
@@ -215,7 +217,8 @@ def _run(args, overrides: Sequence[str]) -> int:
         where = "on this slice" if sl.platform != "cuda" else "on these GPUs"
         if total is not None:
             summaries.append(f"{d}: the schedule's {recipe.total_steps} steps take at least "
-                             f"{_duration(total)} {where} (roofline bound)")
+                             f"{_duration(total)} {where} "
+                             f"({'FLOP' if sl.platform == 'cuda' else 'roofline'} bound)")
         else:
             bad = [r for _, _, r in rows if not r.fits]
             summaries.append(f"{d}: {len(bad)} stage(s) do not fit: try a smaller --batch, "
