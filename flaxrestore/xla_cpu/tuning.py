@@ -159,9 +159,14 @@ def cpu_when_no_accelerator() -> bool:
     present. Call it before jax starts."""
     import os
 
+    import sys
+
     if os.environ.get("JAX_PLATFORMS", "").strip() or _accelerator_likely():
         return False
     os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported already (flaxrestore's package import): jax read the
+        # environment then; its backends start later, so the setting still takes effect
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
     return True
 
 
