@@ -107,3 +107,15 @@ def test_per_platform_branches():
         np.testing.assert_array_equal(np.asarray(jax.jit(f)(x)), 3.0)
     # eagerly: chosen at once for the default device
     assert float(f(x)[0]) == (2.0 if jax.default_backend() == "cpu" else 3.0)
+
+
+@pytest.mark.both_lowerings
+def test_both_lowerings_variants_run_in_their_mode(request):
+    """The `accelerator-path` variant of a `both_lowerings` test traces in accelerator mode and
+    the `cpu-lowering` one per platform (until conftest entered the mode, both ran the CPU
+    lowering)."""
+    accelerator = "accelerator-path" in request.node.name
+    assert lowering.mode() == ("accelerator" if accelerator else "auto")
+    f = jax.jit(lambda x: lowering.per_platform(cpu=lambda: x + 1.0, default=lambda: x * 3.0))
+    expected = 3.0 if accelerator or jax.default_backend() != "cpu" else 2.0
+    np.testing.assert_array_equal(np.asarray(f(jnp.ones((2,)))), expected)

@@ -568,3 +568,36 @@ def test_rematerialize_restores_the_previous_setting():
             assert not layers._REMAT["on"]
         assert layers._REMAT["on"]
     assert not layers._REMAT["on"]
+
+
+def test_add_bias_sums_a_bfloat16_gradient_in_float32():
+    """In bfloat16 a bias's gradient is a sum over every batch and pixel position: summed in
+    bfloat16 it stalls (here at 2048 of about 8200: a partial sum of 256 no longer grows by
+    adding values near 1), so add_bias sums it in float32."""
+    rng = np.random.default_rng(11)
+    y = jnp.zeros((2, 64, 64, 4), jnp.bfloat16)
+    dy = jnp.asarray(rng.random((2, 64, 64, 4)) + 0.5, jnp.bfloat16)
+
+    def loss(b):
+        return jnp.sum((layers.add_bias(y, b) * dy).astype(jnp.float32))
+
+    g = jax.jit(jax.grad(loss))(jnp.zeros((4,), jnp.float32))
+    expected = np.asarray(dy, np.float64).sum(axis=(0, 1, 2))
+    np.testing.assert_allclose(np.asarray(g), expected, rtol=1e-3)
+
+
+def test_channel_layer_norm_of_bfloat16_computes_its_statistics_in_float32():
+    """A bfloat16 input (a residual stream with a large common offset, mean 64) is normalised
+    with float32 statistics: the result is the float64 layer norm of the same bfloat16 values,
+    rounded once to bfloat16. In bfloat16 the mean alone is off by up to a quarter (its spacing
+    at 64 is 0.5)."""
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(64.0 + 4.0 * rng.standard_normal((2, 5, 7, 32)), jnp.bfloat16)
+    norm = layers.ChannelLayerNorm(32, eps=1e-5)
+    y = jax.jit(norm)(x)
+    assert y.dtype == jnp.bfloat16
+    x64 = np.asarray(x, np.float64)
+    mu = x64.mean(-1, keepdims=True)
+    ref = (x64 - mu) / np.sqrt(((x64 - mu) ** 2).mean(-1, keepdims=True) + 1e-5)
+    # one bfloat16 rounding of values below 4 in magnitude: at most 2^-8 * 4 / 2 = 0.008
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=0, atol=0.01)

@@ -183,3 +183,27 @@ def test_overrides():
     assert r.optimizer.schedule.kind == "constant"
     with pytest.raises(KeyError):
         recipe_lib.load("restormer_motion_deblurring", ["optimizer.nope=1"])
+
+
+@pytest.mark.parametrize("max_norm", [1e-3, 10.0])
+@pytest.mark.both_lowerings
+def test_clip_grad_norm_matches_torch_on_several_tensors(max_norm):
+    """clip_grad_norm_torch, jitted as the trainer's step is (in accelerator mode: the global
+    norm TPUs and GPUs compute), against torch.nn.utils.clip_grad_norm_ on three tensors of
+    different scales: ONE norm over all of them, scale min(1, max_norm / (norm + 1e-6)) (the
+    1e-6 matters at small norms, Restormer's max_norm is 0.01), gradients below max_norm left
+    alone."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    grads = {"a": rng.standard_normal((3, 4)) * 1e-3, "b": rng.standard_normal(5) * 3e-4,
+             "c": rng.standard_normal((2, 2, 3, 2)) * 1e-4}
+    grads = {k: v.astype(np.float32) for k, v in grads.items()}
+    tx = S.clip_grad_norm_torch(max_norm)
+    clipped, _ = jax.jit(lambda g: tx.update(g, tx.init(g)))(jax.tree.map(jnp.asarray, grads))
+
+    params = [torch.nn.Parameter(torch.zeros(v.shape, dtype=torch.float64)) for v in grads.values()]
+    for p, g in zip(params, grads.values()):
+        p.grad = torch.tensor(g, dtype=torch.float64)
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    for (k, got), p in zip(clipped.items(), params):
+        np.testing.assert_allclose(np.asarray(got), p.grad.numpy(), rtol=2e-6, atol=0, err_msg=k)

@@ -175,6 +175,28 @@ def test_attention_full_width_with_masks(block):
         assert np.abs(out[1] - (uniform[0] + x[1])).max() <= 1e-4
 
 
+@pytest.mark.parametrize("block", ["attention", "feed_forward"])
+def test_layer_norms_on_low_variance_tokens(block):
+    """The transformer's pre-LayerNorms on tokens of small variance (std 1e-3, features of a
+    dark image), where their eps matters: 1e-6 as the original, not torch's default 1e-5. On
+    unit-variance tokens (the test above) an eps of 1e-5 moves the output by less than 1e-5,
+    and tools/mutate.py's snr-layernorm-eps survived it."""
+    torch.manual_seed(1)
+    if block == "attention":
+        t, f = TS.MultiHeadAttention(4, 64, 16, 16), S.MultiHeadAttention(4, 64, 16, 16,
+                                                                          rngs=nnx.Rngs(0))
+    else:
+        t, f = TS.PositionwiseFeedForward(64, 128), S.PositionwiseFeedForward(64, 128,
+                                                                             rngs=nnx.Rngs(0))
+    _perturb(t)
+    convert.load_state_dict(f, t.state_dict())
+    x = (1e-3 * np.random.default_rng(3).standard_normal((2, 12, 64))).astype(np.float32)
+    with torch.no_grad():
+        ref = t(torch.from_numpy(x)).numpy()
+    out = np.asarray(f(jnp.asarray(x)))
+    assert np.abs(out - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+
+
 # --------------------------------------------------------------------------------------------
 # network
 

@@ -368,3 +368,35 @@ def test_progress_bar_in_a_log_file_redraws_rarely(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert "a message" in lines and lines[-1].startswith("train: 100%"), lines
     assert progress.bar(5, desc="train", unit="step", enabled=False).disable
+
+
+def test_ema_follows_the_weights_after_the_update():
+    """Two steps of the trainer with ``ema_decay=0.9``: the EMA moves to 0.9 x its previous
+    value + 0.1 x the weights AFTER this step's update (BasicSR's ``model_ema``), starting from
+    a copy of the initial weights."""
+    from train import recipe as R
+
+    recipe = R.load("restormer_demo", [f"model_overrides={REMAT_TINY}", "batch_size=2",
+                                       "stages=()", "data.patch_size=16", "mixup.prob=0.0",
+                                       "ema_decay=0.9"])
+    rng = np.random.default_rng(6)
+    gt = rng.random((2, 16, 16, 3), dtype=np.float32)
+    lq = np.clip(gt + 0.2 * rng.standard_normal(gt.shape), 0, 1).astype(np.float32)
+    mesh = step_lib.make_mesh(jax.devices()[:1])
+    model = step_lib.build_model(recipe)
+    tx = _recording_sgd(0.5)
+    state = step_lib.replicate(mesh, step_lib.init_state(model, tx, True))
+    batch = step_lib.global_batch(mesh, {"lq": lq, "gt": gt})
+    step = step_lib.make_train_step(recipe, model, tx, mesh)
+    history = [jax.device_get(state)]
+    for _ in range(2):
+        state, metrics = step(state, batch, {})
+        assert bool(metrics["finite"])
+        history.append(jax.device_get(state))
+    p = [jax.tree.leaves(s["params"]) for s in history]
+    ema = [jax.tree.leaves(s["ema"]) for s in history]
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(p[1], p[0]))
+    assert moved > 1e-3, moved  # the weights really moved: the two candidates differ
+    for t in (1, 2):
+        for e_new, e_old, w in zip(ema[t], ema[t - 1], p[t]):
+            np.testing.assert_allclose(e_new, 0.9 * e_old + 0.1 * w, rtol=1e-6, atol=1e-7)
