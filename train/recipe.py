@@ -93,6 +93,12 @@ class Recipe:
     # recompute block activations in the backward pass (Restormer's transformer blocks, MPRNet's
     # CABs; flaxrestore.layers.rematerialize): less memory, about one more forward of compute
     remat: bool = False
+    # gradient accumulation: each device's batch is split into this many micro-batches, run one
+    # after another (a scan), their gradients summed and ONE optimizer update applied, equal to
+    # the full batch's step: activation memory of a micro-batch, the time of the full batch.
+    # Refused for loss terms that are no sum or mean over samples and for models with batch
+    # statistics (train.step.grad_accum_problems). Every stage's per-device batch must split.
+    grad_accum: int = 1
     # validation
     eval_every: int = 1000
     eval_crop_border: int = 0
@@ -130,6 +136,16 @@ class Recipe:
                                 "devices")
             if b % process_count:
                 problems.append(f"batch size {b} is not divisible by the {process_count} hosts")
+        n = self.grad_accum
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            problems.append(f"grad_accum must be an integer >= 1, got {n!r}")
+        elif n > 1:
+            # the batches that are trained: the stages' (the loaded batch is only cropped from)
+            for b in sorted({s.batch_size for s in self.stages} or {self.batch_size}):
+                if b % num_devices == 0 and (b // num_devices) % n:
+                    problems.append(
+                        f"batch size {b} is {b // num_devices} per device on {num_devices} "
+                        f"device(s), which does not split into grad_accum={n} micro-batches")
         patch = self.data.get("patch_size")
         for s in self.stages:
             if s.batch_size > self.batch_size:

@@ -13,7 +13,9 @@ The train state is a plain pytree (pure dicts of arrays), so orbax saves and res
 ``model_state`` holds the model's non-parameter variables (AECR-Net's FastDeconv running
 statistics, updated by the training forward); ``ema`` is empty unless the recipe sets
 ``ema_decay``. Random numbers of step ``t`` come from ``fold_in(key(seed), t)``, so a resumed
-run draws exactly what an uninterrupted one would.
+run draws exactly what an uninterrupted one would. With ``grad_accum`` N > 1 the step runs each
+device's batch as N micro-batches in a ``lax.scan`` and applies one update, the full batch's
+(``make_train_step``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +124,9 @@ def setup(recipe: Recipe, devices: Sequence[jax.Device] | None = None):
     checking that the recipe suits that many devices and hosts."""
     mesh = make_mesh(devices)
     recipe.validate(num_devices=mesh.size, process_count=jax.process_count())
-    return mesh, build_model(recipe), schedules.make_optimizer(recipe.optimizer)
+    model = build_model(recipe)
+    check_grad_accum(recipe, model)
+    return mesh, model, schedules.make_optimizer(recipe.optimizer)
 
 
 def split_module(module: nnx.Module) -> tuple[dict, dict]:
@@ -170,50 +174,118 @@ def run_forward(module: nnx.Module, lq: jax.Array, *, side: bool = False) -> Out
 
 LossFn = Callable[..., jax.Array]
 
-# kind -> (fn(pred, gt, lq, vgg, **options), needs the VGG19); all from flaxrestore.losses
-LOSS_KINDS: dict[str, tuple[LossFn, bool]] = {
-    "l1": (lambda p, g, lq, vgg: flosses.l1(p, g), False),
-    "mse": (lambda p, g, lq, vgg: jnp.mean(jnp.square(p - g)), False),
+
+class LossKind(NamedTuple):
+    """One kind of loss term: ``fn(pred, gt, lq, vgg, **options)``, whether it needs the VGG19,
+    and how its value reduces over the batch, which gradient accumulation needs to add
+    micro-batches up to the full batch: 'mean' (each of N micro-batches counts 1/N), 'sum'
+    (micro-batch values add up) or 'none' (not over samples: refused with ``grad_accum`` > 1,
+    ``why`` says why); or a function of the term's options giving one of these."""
+
+    fn: LossFn
+    vgg: bool
+    batch: str | Callable[[Mapping[str, Any]], str]
+    why: str = ""
+
+
+# every kind from flaxrestore.losses
+LOSS_KINDS: dict[str, LossKind] = {
+    "l1": LossKind(lambda p, g, lq, vgg: flosses.l1(p, g), False, "mean"),
+    "mse": LossKind(lambda p, g, lq, vgg: jnp.mean(jnp.square(p - g)), False, "mean"),
     # MPRNet: mean of sqrt(d^2 + eps^2), eps 1e-3
-    "charbonnier": (lambda p, g, lq, vgg, **kw: flosses.charbonnier(p, g, **kw), False),
+    "charbonnier": LossKind(lambda p, g, lq, vgg, **kw: flosses.charbonnier(p, g, **kw), False,
+                            "mean"),
     # SNR-Aware: sum of sqrt(d^2 + 1e-6)
-    "charbonnier_sum": (lambda p, g, lq, vgg, **kw: flosses.charbonnier_sum(p, g, **kw), False),
-    # MPRNet: Charbonnier between one-level Laplacian-pyramid residuals
-    "edge": (lambda p, g, lq, vgg, **kw: flosses.edge_loss(p, g, **kw), False),
+    "charbonnier_sum": LossKind(
+        lambda p, g, lq, vgg, **kw: flosses.charbonnier_sum(p, g, **kw), False, "sum"),
+    # MPRNet: Charbonnier (mean) between one-level Laplacian-pyramid residuals of each image
+    "edge": LossKind(lambda p, g, lq, vgg, **kw: flosses.edge_loss(p, g, **kw), False, "mean"),
     # DarkIR: MSE between the same Laplacian residuals
-    "laplacian_mse": (lambda p, g, lq, vgg: flosses.darkir_edge_loss(p, g), False),
-    # DarkIR (off in its LOLBlur recipe): MSE of |rfft2| amplitudes
-    "frequency": (lambda p, g, lq, vgg: flosses.frequency_amplitude_loss(p, g), False),
+    "laplacian_mse": LossKind(lambda p, g, lq, vgg: flosses.darkir_edge_loss(p, g), False,
+                              "mean"),
+    # DarkIR (off in its LOLBlur recipe): MSE of |rfft2| amplitudes (per image, over H and W)
+    "frequency": LossKind(lambda p, g, lq, vgg: flosses.frequency_amplitude_loss(p, g), False,
+                          "mean"),
     # VGG19 relu1_1..relu5_1 L1s (SNR-Aware reduction 'sum', DarkIR 'mean')
-    "perceptual": (lambda p, g, lq, vgg, **kw: flosses.perceptual(p, g, vgg, **kw), True),
-    # AECR-Net: the negative is the hazy input itself
-    "contrastive": (lambda p, g, lq, vgg, **kw: flosses.contrastive_regularization(
-        p, g, lq, vgg, **kw), True),
+    "perceptual": LossKind(lambda p, g, lq, vgg, **kw: flosses.perceptual(p, g, vgg, **kw), True,
+                           lambda opts: opts.get("reduction", "mean")),
+    # AECR-Net: the negative is the hazy input itself. Each VGG level divides two means over
+    # the whole batch, which no sum of micro-batch values gives (the ablation, without the
+    # negatives, is a plain mean)
+    "contrastive": LossKind(
+        lambda p, g, lq, vgg, **kw: flosses.contrastive_regularization(p, g, lq, vgg, **kw), True,
+        lambda opts: "mean" if opts.get("ablation") else "none",
+        why="AECR-Net's contrastive regularization divides two means over the whole batch "
+            "(anchor-positive over anchor-negative VGG distance), which no sum of "
+            "micro-batch values gives"),
 }
+
+
+def _options(term: LossTerm) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in dict(term.options).items()}
+
+
+def _kind(term: LossTerm) -> LossKind:
+    if term.kind not in LOSS_KINDS:
+        raise ValueError(f"unknown loss kind {term.kind!r}; known: {', '.join(LOSS_KINDS)}")
+    return LOSS_KINDS[term.kind]
 
 
 def _term_fn(term: LossTerm) -> LossFn:
     """``fn(pred, gt, lq, vgg) -> scalar`` for one term (before its weight)."""
-    if term.kind not in LOSS_KINDS:
-        raise ValueError(f"unknown loss kind {term.kind!r}; known: {', '.join(LOSS_KINDS)}")
-    fn, _ = LOSS_KINDS[term.kind]
-    opts = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(term.options).items()}
+    fn = _kind(term).fn
+    opts = _options(term)
     return lambda p, g, lq, vgg: fn(p, g, lq, vgg, **opts)
 
 
+def batch_reduction(term: LossTerm) -> str:
+    """How ``term``'s value reduces over the batch: 'mean', 'sum' or 'none' (see LossKind)."""
+    batch = _kind(term).batch
+    reduction = batch(_options(term)) if callable(batch) else batch
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"loss term {term.kind}: unknown batch reduction {reduction!r}")
+    return reduction
+
+
 def needs_vgg(recipe: Recipe) -> bool:
-    return any(t.weight and LOSS_KINDS.get(t.kind, (None, False))[1] for t in recipe.losses)
+    return any(t.weight and t.kind in LOSS_KINDS and LOSS_KINDS[t.kind].vgg for t in recipe.losses)
 
 
-def make_loss(recipe: Recipe) -> Callable[[Outputs, jax.Array, jax.Array, Any],
-                                           tuple[jax.Array, dict]]:
-    """total loss and its named terms from the model outputs, the target and the input."""
-    terms = [(t, _term_fn(t)) for t in recipe.losses if t.weight]
+def _part_names(terms: Sequence[LossTerm]) -> list[str]:
+    """The metric name of each term's value: ``loss_<kind>[_<outputs>][_<index>]``."""
+    names: list[str] = []
+    for i, t in enumerate(terms):
+        names.append(f"loss_{t.kind}" + (f"_{t.outputs}" if t.outputs != "main" else "") +
+                     (f"_{i}" if f"loss_{t.kind}" in names else ""))
+    return names
+
+
+def make_loss(recipe: Recipe, micro_batches: int = 1) -> Callable[
+        [Outputs, jax.Array, jax.Array, Any], tuple[jax.Array, dict]]:
+    """total loss and its named terms from the model outputs, the target and the input, in
+    float32 (float64 where the target is, as in the float64 tests).
+
+    ``micro_batches`` N > 1: the loss of one of N equal micro-batches, scaled so that the N
+    values add up to the full batch's: a term that averages over the batch counts 1/N, one that
+    sums over it counts fully (``batch_reduction``); any other term is refused. The returned
+    function's ``part_names`` lists the keys of its terms."""
+    terms = [t for t in recipe.losses if t.weight]
+    fns = [_term_fn(t) for t in terms]
+    names = _part_names(terms)
+    scales = [1.0] * len(terms)
+    if micro_batches > 1:
+        for i, t in enumerate(terms):
+            reduction = batch_reduction(t)
+            if reduction == "none":
+                raise ValueError(f"loss term {t.kind} does not add up over micro-batches: "
+                                 f"{_kind(t).why}")
+            scales[i] = 1.0 / micro_batches if reduction == "mean" else 1.0
 
     def loss(outs: Outputs, gt, lq, vgg):
-        total = jnp.zeros((), jnp.float32)
+        real = jnp.promote_types(gt.dtype, jnp.float32)
+        total = jnp.zeros((), real)
         parts = {}
-        for i, (t, fn) in enumerate(terms):
+        for t, fn, name, scale in zip(terms, fns, names, scales):
             if t.outputs == "main":
                 preds = [outs.main]
             elif t.outputs == "all":
@@ -226,18 +298,50 @@ def make_loss(recipe: Recipe) -> Callable[[Outputs, jax.Array, jax.Array, Any],
                 preds = [flosses.upsample_nearest(outs.side, factor)]
             else:
                 raise ValueError(f"unknown outputs {t.outputs!r} (main, all, side)")
-            value = jnp.zeros((), jnp.float32)
+            value = jnp.zeros((), real)
             for p in preds:
-                p = p.astype(jnp.float32)
+                p = p.astype(real)
                 if t.clamp:
                     p = jnp.clip(p, 0.0, 1.0)
-                value = value + fn(p, gt, lq, vgg).astype(jnp.float32)
-            parts[f"loss_{t.kind}" + (f"_{t.outputs}" if t.outputs != "main" else "") +
-                  (f"_{i}" if f"loss_{t.kind}" in parts else "")] = value
+                value = value + fn(p, gt, lq, vgg).astype(real)
+            if scale != 1.0:
+                value = value * scale
+            parts[name] = value
             total = total + t.weight * value
         return total, parts
 
+    loss.part_names = tuple(names)
     return loss
+
+
+def grad_accum_problems(recipe: Recipe, model_state: Mapping | None = None) -> list[str]:
+    """Why ``recipe.grad_accum`` > 1 would not give the full batch's step (empty: it does):
+    loss terms whose value is no sum or mean over samples, and a model with state that its
+    training forward computes from the batch (``model_state``: batch statistics such as
+    AECR-Net's FastDeconv whitening), which micro-batches would compute per micro-batch."""
+    if recipe.grad_accum <= 1:
+        return []
+    problems = []
+    for t in recipe.losses:
+        if t.weight and t.kind in LOSS_KINDS and batch_reduction(t) == "none":
+            problems.append(f"loss term {t.kind!r} (weight {t.weight:g}) is no sum or mean over "
+                            f"samples: {_kind(t).why}; set its weight to 0 to accumulate")
+    if model_state is not None and jax.tree.leaves(model_state):
+        held = ", ".join(sorted(jax.tree_util.keystr(path) for path, _ in
+                                jax.tree_util.tree_leaves_with_path(model_state)))
+        problems.append(f"{recipe.model} keeps statistics of the batch ({held}: e.g. AECR-Net's "
+                        "FastDeconv whitening, computed from each training batch): with "
+                        "micro-batches they would be computed per micro-batch, which is not "
+                        "the full batch's step")
+    return problems
+
+
+def check_grad_accum(recipe: Recipe, model: ModelDef) -> None:
+    problems = grad_accum_problems(recipe, model.model_state)
+    if problems:
+        raise ValueError(f"recipe {recipe.name!r}: grad_accum={recipe.grad_accum} refused: " +
+                         "; ".join(problems) + ". Use grad_accum=1 (a smaller batch or remat "
+                         "saves memory instead)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,6 +459,29 @@ def _tree_select(ok, new, old):
 grad_global_norm = schedules.global_norm
 
 
+def _real_dtype(tree):
+    """float32, or float64 where a floating leaf of ``tree`` is (the float64 tests)."""
+    return functools.reduce(jnp.promote_types, [
+        a.dtype for a in jax.tree.leaves(tree) if jnp.issubdtype(a.dtype, jnp.floating)],
+        jnp.dtype(jnp.float32))
+
+
+def split_micro_batches(x: jax.Array, n: int, mesh) -> jax.Array:
+    """A global batch ``(B, ...)`` sharded on 'data' -> ``(n, B / n, ...)``, micro-batch ``i``
+    made of the ``i``-th ``B / (D n)`` rows of every device's ``B / D`` (``D`` devices on
+    'data'), so that each micro-batch is sharded on 'data' like the batch and no row leaves
+    its device: ``(B, ...) -> (D, n, B/(D n), ...) -> (n, D, B/(D n), ...) -> (n, B/n, ...)``."""
+    d = mesh.shape[DATA_AXIS]
+    rows = x.shape[0]
+    if rows % (d * n):
+        raise ValueError(f"a batch of {rows} on {d} device(s) ({rows / d:g} per device) does not "
+                         f"split into grad_accum={n} micro-batches")
+    m = rows // (d * n)
+    rest = x.shape[1:]
+    x = jnp.swapaxes(x.reshape((d, n, m) + rest), 0, 1).reshape((n, d * m) + rest)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, DATA_AXIS)))
+
+
 def make_train_step(recipe: Recipe, model: ModelDef, tx: optax.GradientTransformation, mesh,
                     vgg_graph=None) -> Callable:
     """``step(state, batch, frozen) -> (state, metrics)``, jitted over ``mesh``.
@@ -362,32 +489,53 @@ def make_train_step(recipe: Recipe, model: ModelDef, tx: optax.GradientTransform
     ``batch``: {"lq", "gt"} global arrays sharded on 'data'; ``frozen``: {"vgg": params} or {}.
     A non-finite loss or gradient leaves the state unchanged (metrics['finite'] == 0) so the
     caller can stop with the last good weights.
+
+    ``recipe.grad_accum`` N > 1: after MixUp over the whole batch, each device's rows are split
+    into N micro-batches (``split_micro_batches``); a ``lax.scan`` runs forward and backward on
+    one micro-batch at a time, summing gradients (float32), loss and loss terms (each scaled by
+    its batch reduction, ``make_loss``), and the optimizer (clipping, schedule, EMA, the
+    non-finite check) runs once on the sums: the full batch's step, with one micro-batch's
+    activations alive at a time. Refused where that would not hold (``grad_accum_problems``).
     """
-    loss_fn = make_loss(recipe)
+    check_grad_accum(recipe, model)
+    accum = int(recipe.grad_accum)
+    loss_fn = make_loss(recipe, micro_batches=accum)
     lr_fn = schedules.learning_rate(recipe.optimizer)
-    compute = jnp.dtype(recipe.dtype)
+    dtype = jnp.dtype(recipe.dtype)
     base_key = jax.random.key(recipe.seed)
     ema_decay = float(recipe.ema_decay)
     side = wants_side_output(recipe)
+    data = batch_sharding(mesh)
 
     def step(state, batch, frozen):
         t = state["step"]
         key = jax.random.fold_in(base_key, t)
-        lq, gt = batch["lq"].astype(jnp.float32), batch["gt"].astype(jnp.float32)
+        # float32, or float64 where the parameters are (the float64 tests, jax_enable_x64):
+        # the batch, the loss, and the compute dtype of a float32 recipe
+        real = _real_dtype(state["params"])
+        compute = real if dtype == jnp.float32 else dtype
+        lq, gt = batch["lq"].astype(real), batch["gt"].astype(real)
         lq, gt = mixup(key, lq, gt, recipe.mixup, t)
         vgg = nnx.merge(vgg_graph, frozen["vgg"]) if vgg_graph is not None else None
 
-        def objective(params):
-            p = _cast_floating(params, compute) if compute != jnp.float32 else params
-            module = model.module(p, state["model_state"], train=True)
-            with flayers.rematerialize(recipe.remat):
-                outs = run_forward(module, lq.astype(compute), side=side)
-            loss, parts = loss_fn(outs, gt, lq, vgg)
-            _, rest = split_module(module)
-            return loss, (parts, rest)
+        def objective_on(lq, gt):
+            def objective(params):
+                p = _cast_floating(params, compute) if compute != jnp.float32 else params
+                module = model.module(p, state["model_state"], train=True)
+                with flayers.rematerialize(recipe.remat):
+                    outs = run_forward(module, lq.astype(compute), side=side)
+                loss, parts = loss_fn(outs, gt, lq, vgg)
+                _, rest = split_module(module)
+                return loss, (parts, rest)
 
-        (loss, (parts, new_model_state)), grads = jax.value_and_grad(objective, has_aux=True)(
-            state["params"])
+            return objective
+
+        if accum == 1:
+            (loss, (parts, new_model_state)), grads = jax.value_and_grad(
+                objective_on(lq, gt), has_aux=True)(state["params"])
+        else:
+            loss, parts, grads = accumulate(state["params"], lq, gt, objective_on, real)
+            new_model_state = state["model_state"]  # empty: refused otherwise
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         grad_norm = grad_global_norm(grads)
@@ -404,8 +552,28 @@ def make_train_step(recipe: Recipe, model: ModelDef, tx: optax.GradientTransform
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(t), "finite": ok, **parts}
         return new_state, metrics
 
+    def accumulate(params, lq, gt, objective_on, real):
+        """(loss, parts, gradients) of the batch as sums over ``accum`` micro-batches."""
+        micro = (split_micro_batches(lq, accum, mesh), split_micro_batches(gt, accum, mesh))
+
+        def one(carry, xs):
+            g_sum, loss_sum, parts_sum = carry
+            lq_i, gt_i = (jax.lax.with_sharding_constraint(x, data) for x in xs)
+            (loss_i, (parts_i, _)), g = jax.value_and_grad(
+                objective_on(lq_i, gt_i), has_aux=True)(params)
+            g_sum = jax.tree.map(lambda s_, g_: s_ + g_.astype(s_.dtype), g_sum, g)
+            parts_sum = {k: v + parts_i[k].astype(v.dtype) for k, v in parts_sum.items()}
+            return (g_sum, loss_sum + loss_i.astype(loss_sum.dtype), parts_sum), None
+
+        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
+                              params),
+                 jnp.zeros((), real), {k: jnp.zeros((), real) for k in loss_fn.part_names})
+        (g_sum, loss, parts), _ = jax.lax.scan(one, zeros, micro)
+        grads = jax.tree.map(lambda g_, p: g_.astype(p.dtype), g_sum, params)
+        return loss, parts, grads
+
     rep = replicated(mesh)
-    return jax.jit(step, in_shardings=(rep, batch_sharding(mesh), rep),
+    return jax.jit(step, in_shardings=(rep, data, rep),
                    out_shardings=(rep, rep), donate_argnums=(0,),
                    compiler_options=lowering.compiler_options(_platform(mesh)))
 
