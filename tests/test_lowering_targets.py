@@ -56,3 +56,22 @@ def test_a_cpu_kernel_put_back_fails_the_cuda_check(monkeypatch):
     monkeypatch.setattr(lowering, "per_platform", lambda cpu, default: cpu())
     calls = custom_calls(_traced("snr").lower(lowering_platforms=("cuda",)).as_text())
     assert "flaxrestore_windows" in calls
+
+
+def test_matmul_precision_of_a_recipe_reaches_every_convolution():
+    """``--set matmul_precision=high``: the step's convolutions and matmuls carry that precision
+    (on GPUs float32 at JAX's default runs as TF32; a recipe can ask for more). The suite's own
+    process default is 'highest' (conftest), so 'high' is what tells the field was applied."""
+    name, patch, sets = TINY_RECIPES["snr"]
+    texts = {}
+    for precision in ("default", "high"):
+        recipe = recipe_lib.load(name, [*sets, "batch_size=2", "stages=()",
+                                        f"data.patch_size={patch}",
+                                        f"matmul_precision='{precision}'"])
+        fn, args = step_and_arguments(recipe, jax.devices()[:1], patch, 2)
+        texts[precision] = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    convs = re.findall(r"stablehlo.convolution.*", texts["high"])
+    assert convs and all("HIGH" in c and "HIGHEST" not in c for c in convs), convs[:2]
+    assert "precision = [HIGH, HIGH]" not in texts["default"]
+    with pytest.raises(ValueError, match="matmul_precision"):
+        recipe_lib.load(name, ["matmul_precision='tf32'"]).validate()

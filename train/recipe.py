@@ -99,6 +99,11 @@ class Recipe:
     # Refused for loss terms that are no sum or mean over samples and for models with batch
     # statistics (train.step.grad_accum_problems). Every stage's per-device batch must split.
     grad_accum: int = 1
+    # precision of float32 matmuls and convolutions in the train and eval steps: "default" (JAX's
+    # own: on Ampere/Hopper GPUs TF32 on the tensor cores, on TPUs one bfloat16 MXU pass, on CPUs
+    # full float32), or "high" / "highest" (jax.default_matmul_precision: 3 bfloat16 passes /
+    # full float32, several times slower on GPUs and TPUs)
+    matmul_precision: str = "default"
     # validation
     eval_every: int = 1000
     eval_crop_border: int = 0
@@ -136,6 +141,9 @@ class Recipe:
                                 "devices")
             if b % process_count:
                 problems.append(f"batch size {b} is not divisible by the {process_count} hosts")
+        if self.matmul_precision not in ("default", "high", "highest"):
+            problems.append(f"matmul_precision must be default, high or highest, got "
+                            f"{self.matmul_precision!r}")
         n = self.grad_accum
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             problems.append(f"grad_accum must be an integer >= 1, got {n!r}")

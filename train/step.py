@@ -573,9 +573,23 @@ def make_train_step(recipe: Recipe, model: ModelDef, tx: optax.GradientTransform
         return loss, parts, grads
 
     rep = replicated(mesh)
-    return jax.jit(step, in_shardings=(rep, data, rep),
+    return jax.jit(with_precision(step, recipe.matmul_precision), in_shardings=(rep, data, rep),
                    out_shardings=(rep, rep), donate_argnums=(0,),
                    compiler_options=lowering.compiler_options(_platform(mesh)))
+
+
+def with_precision(fn: Callable, precision: str) -> Callable:
+    """``fn`` traced under ``jax.default_matmul_precision(precision)``; "default" leaves JAX's
+    own (the process's setting) in force and returns ``fn`` itself."""
+    if precision == "default":
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        with jax.default_matmul_precision(precision):
+            return fn(*args)
+
+    return wrapped
 
 
 def make_eval_fn(recipe: Recipe, model: ModelDef, mesh) -> Callable:
@@ -591,7 +605,8 @@ def make_eval_fn(recipe: Recipe, model: ModelDef, mesh) -> Callable:
         return out.astype(jnp.float32)
 
     rep = replicated(mesh)
-    return jax.jit(fn, in_shardings=(rep, rep, batch_sharding(mesh)), out_shardings=rep,
+    return jax.jit(with_precision(fn, recipe.matmul_precision),
+                   in_shardings=(rep, rep, batch_sharding(mesh)), out_shardings=rep,
                    compiler_options=lowering.compiler_options(_platform(mesh)))
 
 
