@@ -971,6 +971,25 @@ catalogue that breaks these rules.
 How to add a mistake: see "Adding a mistake" in the module docstring of
 [`tools/mutate.py`](../tools/mutate.py); run it with `--only NAME`, then re-run the whole
 catalogue with `--doc docs/mutations.md`.
+
+## What it found
+
+- Every `accelerator-path` variant of a `both_lowerings` test ran the CPU lowering: conftest's
+  fixture that enters accelerator mode was shadowed by the parametrisation of the same name and
+  never ran, so all 11 accelerator mistakes SURVIVED at first. An autouse fixture now enters the
+  mode (`tests/test_accelerator_path.py::test_both_lowerings_variants_run_in_their_mode` pins
+  it); all 78 such nodes pass on the real accelerator path.
+- `snr-layernorm-eps` SURVIVED `test_attention_full_width_with_masks`: on unit-variance tokens
+  an eps of 1e-5 instead of 1e-6 moves the output by less than its 1e-5 bound. Caught since by
+  `tests/test_snr.py::test_layer_norms_on_low_variance_tokens` (std 1e-3 tokens), with its
+  feed-forward twin.
+- No narrow test pinned gradient clipping over several tensors (nor its accelerator-path
+  global norm), bfloat16's float32 bias-gradient sums and LayerNorm statistics, or the EMA
+  update: `tests/test_schedules.py::test_clip_grad_norm_matches_torch_on_several_tensors`,
+  `tests/test_layers.py::test_add_bias_sums_a_bfloat16_gradient_in_float32`,
+  `tests/test_layers.py::test_channel_layer_norm_of_bfloat16_computes_its_statistics_in_float32`
+  and `tests/test_train_step.py::test_ema_follows_the_weights_after_the_update` do now (the EMA
+  was checked only inside the 8-device command-line test).
 """
 
 
@@ -1019,7 +1038,9 @@ def main(argv=None) -> int:
         print(f"{len(chosen)} mistakes ({n_acc} in the accelerator path)")
         return 0
 
-    command = "python tools/mutate.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
+    interpreter = os.path.relpath(args.python, REPO) if args.python.startswith(REPO) else "python"
+    command = f"{interpreter} tools/mutate.py" + "".join(
+        f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     started = time.strftime("%Y-%m-%d %H:%M %Z")
     t0 = time.monotonic()
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -1043,7 +1064,7 @@ def main(argv=None) -> int:
             return 1 if n_bad else 0
         plugin_dir = os.path.join(base_dir, "plugin")
         write_plugin(plugin_dir)
-        header = [f"Command: `{command}`, started {started}",
+        header = [f"Command: `{command}` (niceness {os.nice(0)}), started {started}",
                   f"Source: {source_description(args.rev, args.overlay)}",
                   f"Machine: {machine()}; load average at the start "
                   f"{load0[0]:.1f} / {load0[1]:.1f} / {load0[2]:.1f} (1 / 5 / 15 min)"]
