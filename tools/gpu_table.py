@@ -76,9 +76,13 @@ def main(argv=None) -> int:
                     "compile (the page shows all; the others from the cache)")
     ap.add_argument("--parts", default="machines,single",
                     help="what to compile: machines (8-GPU rows), single (24/40 GB rows)")
+    ap.add_argument("--topologies", default=",".join((*MACHINES, *SINGLE)),
+                    help="which of the page's GPU machines to compile for (the others from the "
+                         "cache)")
     args = ap.parse_args(argv)
     chosen = {n.strip() for n in args.recipes.split(",") if n.strip()}
     parts = {p.strip() for p in args.parts.split(",")}
+    wanted = {t.strip() for t in args.topologies.split(",")}
     plan._prepare_process()
     from train import recipe as recipe_lib
 
@@ -87,7 +91,8 @@ def main(argv=None) -> int:
     slices = {name: plan.topology(name) for name in (*MACHINES, *SINGLE)}
 
     def planner(name, recipe_name, part):
-        only = args.cached_only or recipe_name not in chosen or part not in parts
+        only = (args.cached_only or recipe_name not in chosen or part not in parts
+                or name not in wanted)
         return _Planner(slices[name], cache, only, deadline)
 
     sections, missing = [], 0
