@@ -149,8 +149,9 @@ def main(argv=None) -> int:
                         tried.append(r)
                 fitting = [r.batch_per_chip for r in tried if r.fits]
                 best = max(fitting, default=0)
-                known = not tried or any(not r.fits and r.batch_per_chip == best + 1
-                                         for r in tried)
+                # the largest is known once best + 1 failed, or the paper's batch fits
+                known = not tried or best >= global_batch or any(
+                    not r.fits and r.batch_per_chip == best + 1 for r in tried)
                 if not tried or not known:
                     missing += 1
                     lines.append(f"- {sl.chip.generation} ({plan._gib(sl.chip.hbm_bytes)} GiB): "
