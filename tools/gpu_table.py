@@ -159,7 +159,14 @@ def main(argv=None) -> int:
                     continue
             fits = {r.batch_per_chip: r for r in tried}
             acc = _accumulation(global_batch, best) if best else None
-            if best:
+            if best >= global_batch:
+                r = fits[best]
+                lines.append(
+                    f"- {sl.chip.generation} ({plan._gib(sl.chip.hbm_bytes)} GiB, usable "
+                    f"{plan._gib(r.limit_bytes)}): the paper's batch {global_batch} x {patch}^2 "
+                    f"fits in one step ({plan._gib(r.needed_bytes)} GiB needed; tried "
+                    f"{', '.join(str(t.batch_per_chip) for t in tried)}): no accumulation needed")
+            elif best:
                 r = fits[best]
                 lines.append(
                     f"- {sl.chip.generation} ({plan._gib(sl.chip.hbm_bytes)} GiB, usable "
