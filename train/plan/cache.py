@@ -104,7 +104,7 @@ class Planner:
         """The largest per-chip batch that fits (0 if not even 1): bracketing by doubling, then
         bisection with guesses from the linear growth of memory with the batch."""
         tried: dict[int, Result] = {}
-        step = max(1, int(getattr(recipe, "grad_accum", 1)))  # micro-batches must split
+        step = recipe.grad_accum  # micro-batches must split
 
         def fits(b: int) -> bool:
             tried[b] = self.plan(recipe, patch, b * step)

@@ -162,7 +162,7 @@ def count_flops(recipe, sl: Slice, patch: int, batch_per_chip: int) -> float:
 
     from flaxrestore import lowering
 
-    flat = dataclasses.replace(recipe, grad_accum=1) if hasattr(recipe, "grad_accum") else recipe
+    flat = dataclasses.replace(recipe, grad_accum=1)
     # it warns (through absl) of every op without a rule (sharding moves, ...), which it skips
     absl = logging.getLogger("absl")
     level = absl.level
@@ -183,8 +183,8 @@ def compile_lowered(recipe, sl: Slice, lowered, program: str, patch: int, batch_
                     dtype=recipe.dtype, remat=bool(recipe.remat), patch=patch,
                     batch_per_chip=batch_per_chip, fits=False, versions=versions(sl.platform),
                     created=time.strftime("%Y-%m-%d"), program=program, platform=sl.platform,
-                    grad_accum=int(getattr(recipe, "grad_accum", 1)),
-                    precision=getattr(recipe, "matmul_precision", "default") or "default")
+                    grad_accum=recipe.grad_accum,
+                    precision=recipe.matmul_precision)
     gpu = sl.platform == "cuda"
     t0 = time.perf_counter()
     try:
